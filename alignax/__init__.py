@@ -1,0 +1,16 @@
+"""alignax: robust preference optimization of language models in JAX/Flax.
+
+The pure, jittable objectives and log-prob functions are re-exported here, one name per line;
+models, data, training and the analytic toy lab live in their subpackages.
+"""
+
+from alignax.logprobs import sequence_logprobs
+from alignax.logprobs import token_logprobs
+from alignax.objectives import *  # noqa: F401,F403  (the objectives' public names)
+from alignax.objectives import __all__ as _objective_names
+
+__all__ = [
+    "sequence_logprobs",
+    "token_logprobs",
+    *_objective_names,
+]

@@ -1,0 +1,225 @@
+"""f-divergences of Table 2.1 (thesis, ch. 2), evaluated in log space.
+
+An f-divergence is D_f(p, q) = E_q[f(p/q)]. The f-DPO loss (eq. 2.2) needs f'(u) at the
+density ratio u = pi_theta / pi_ref, which a language model gives as a log-ratio
+h = log pi_theta(y|x) - log pi_ref(y|x) of order +/-100 for long sequences. Everything here
+therefore takes `log_u` (= h) instead of u and never forms exp(h) where that could overflow
+while the true value is finite.
+
+| name              | f(u)                                          | f'(u)            | sup f' |
+|-------------------|-----------------------------------------------|------------------|--------|
+| "reverse_kl"      | u log u                                       | log u + 1        | inf    |
+| "forward_kl"      | -log u                                        | -1/u             | 0      |
+| "jsd"             | u log u - (u+1) log((u+1)/2)                  | log(2u/(1+u))    | log 2  |
+| "alpha"           | (u^(1-a) - (1-a)u - a) / (a(a-1)), 0 < a < 1  | (1 - u^(-a))/a   | 1/a    |
+| "total_variation" | |u - 1| / 2                                   | sign(u - 1)/2    | 1/2    |
+| "chi_squared"     | (u - 1)^2                                     | 2(u - 1)         | inf    |
+
+Theorem 1 of the thesis needs f' invertible with 0 not in dom(f'), so that the KKT multipliers
+of the constraints pi(y) >= 0 vanish and the normaliser cancels in the Bradley-Terry model.
+Total variation (f' not invertible) and chi-squared (f'(0) = -2 is finite, so pi* can put zero
+mass on a response) fail it: their f-DPO losses are not consistent and are refused here.
+
+The alpha-divergence follows the thesis' convention: alpha -> 0 gives reverse KL and alpha -> 1
+gives forward KL (both up to an additive constant in f', which cancels in eq. 2.2). HF TRL's
+`f_alpha_divergence_coef` equals 1 - alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from alignax._checks import as_float32
+
+ADMISSIBLE = ("reverse_kl", "forward_kl", "jsd", "alpha")
+"""Divergences for which f-DPO is consistent (Theorem 1)."""
+
+INADMISSIBLE = ("total_variation", "chi_squared")
+
+_LOG2 = math.log(2.0)
+_LOG_FLOAT32_MAX = math.log(float(jnp.finfo(jnp.float32).max))
+_F_PRIME_SUP = {"reverse_kl": math.inf, "forward_kl": 0.0, "jsd": _LOG2,
+                "total_variation": 0.5, "chi_squared": math.inf}
+
+
+def _exp_difference(a: jax.Array, b: jax.Array) -> jax.Array:
+    """e^a - e^b without cancellation or inf * 0, for any finite a, b (same shape).
+
+    e^a - e^b = e^m (e^(a-m) - e^(b-m)) with m = max(a, b); the bracket is written with expm1
+    on non-positive arguments only, so both it and its gradient are finite everywhere, and it is
+    exact near a = b, where DPO starts (h_w = h_l = 0).
+    """
+    m = jnp.maximum(a, b)
+    d = a - b
+    bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
+    # e^m overflows only when the true difference does, except at an exact tie: keep that 0.
+    tie_overflow = (m > _LOG_FLOAT32_MAX) & (bracket == 0.0)
+    return jnp.where(tie_overflow, 0.0, jnp.exp(jnp.where(tie_overflow, 0.0, m)) * bracket)
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    """An f-divergence: f, f', (f')^-1 and stable differences of f', all on log-ratios.
+
+    Shapes: every method is elementwise; `log_u` is any shape and the result has that shape.
+    """
+
+    name: str
+    alpha: float | jax.Array | None = None
+
+    @property
+    def admissible(self) -> bool:
+        """Whether Theorem 1 applies (0 not in dom f', f' invertible)."""
+        return self.name in ADMISSIBLE
+
+    @property
+    def f_prime_sup(self) -> float | jax.Array:
+        """sup of the range of f' over u > 0: (f')^-1(v) exists for v < f_prime_sup."""
+        if self.name == "alpha":
+            return 1.0 / self.alpha
+        return _F_PRIME_SUP[self.name]
+
+    def f(self, log_u: jax.Array) -> jax.Array:
+        """f(u) at u = exp(log_u) (Table 2.1), so that D_f(p, q) = sum_y q(y) f(p(y)/q(y))."""
+        h = as_float32(log_u)
+        if self.name == "reverse_kl":
+            return h * jnp.exp(h)
+        if self.name == "forward_kl":
+            return -h
+        if self.name == "jsd":
+            # u log u - (u+1) log((u+1)/2) = u (log 2 + log sigmoid h) - (softplus h - log 2)
+            return jnp.exp(h) * (_LOG2 + jax.nn.log_sigmoid(h)) - (jax.nn.softplus(h) - _LOG2)
+        if self.name == "alpha":
+            a = self.alpha
+            return (jnp.exp((1.0 - a) * h) - (1.0 - a) * jnp.exp(h) - a) / (a * (a - 1.0))
+        if self.name == "total_variation":
+            return 0.5 * jnp.abs(jnp.expm1(h))
+        return jnp.square(jnp.expm1(h))  # chi_squared
+
+    def f_prime(self, log_u: jax.Array) -> jax.Array:
+        """f'(u) at u = exp(log_u); -inf only where the true value is below -float32 max."""
+        h = as_float32(log_u)
+        if self.name == "reverse_kl":
+            return h + 1.0
+        if self.name == "forward_kl":
+            return -jnp.exp(-h)
+        if self.name == "jsd":
+            return _LOG2 + jax.nn.log_sigmoid(h)  # log(2u/(1+u))
+        if self.name == "alpha":
+            return -jnp.expm1(-self.alpha * h) / self.alpha  # (1 - u^-a)/a
+        if self.name == "total_variation":
+            return 0.5 * jnp.sign(h)
+        return 2.0 * jnp.expm1(h)  # chi_squared
+
+    def f_prime_difference(self, log_u1: jax.Array, log_u2: jax.Array) -> jax.Array:
+        """f'(u1) - f'(u2), exact near u1 = u2 and NaN-free for all finite inputs.
+
+        This is what eq. 2.2 needs; computing f'(u1) and f'(u2) separately would give
+        -inf - (-inf) = NaN for forward KL at two log-ratios below -88.
+        """
+        h1, h2 = as_float32(log_u1), as_float32(log_u2)
+        if self.name == "reverse_kl":
+            return h1 - h2  # the +1 cancels: standard DPO exactly
+        if self.name == "forward_kl":
+            return _exp_difference(-h2, -h1)  # -1/u1 + 1/u2
+        if self.name == "jsd":
+            return jax.nn.log_sigmoid(h1) - jax.nn.log_sigmoid(h2)
+        if self.name == "alpha":
+            return _exp_difference(-self.alpha * h2, -self.alpha * h1) / self.alpha
+        return self.f_prime(h1) - self.f_prime(h2)
+
+    def f_prime_inverse(self, v: jax.Array) -> jax.Array:
+        """log of (f')^-1(v), for v < f_prime_sup (admissible divergences only).
+
+        Used by the exact optimum pi* = pi_ref (f')^-1((r - lambda)/beta) (thesis §2.5).
+        """
+        _require_admissible(self.name)
+        v = as_float32(v)
+        if self.name == "reverse_kl":
+            return v - 1.0
+        if self.name == "forward_kl":
+            return -jnp.log(-v)
+        if self.name == "jsd":
+            s = v - _LOG2  # log sigmoid(h) = s  =>  h = s - log(1 - e^s)
+            return s - jnp.log(-jnp.expm1(s))
+        return -jnp.log1p(-self.alpha * v) / self.alpha  # alpha
+
+
+def _require_admissible(name: str) -> None:
+    if name == "total_variation":
+        raise ValueError(
+            "total_variation is not admissible for f-DPO: its f'(u) = sign(u - 1)/2 is not "
+            "invertible and 0 is in dom(f'), so Theorem 1 (thesis ch. 2) does not hold and the "
+            "normalising constant does not cancel in the Bradley-Terry model"
+        )
+    if name == "chi_squared":
+        raise ValueError(
+            "chi_squared is not admissible for f-DPO: f'(u) = 2(u - 1) is finite at u = 0, so 0 "
+            "is in dom(f'), the KKT multipliers of pi(y) >= 0 need not vanish (Theorem 1, thesis "
+            "ch. 2) and the normalising constant does not cancel in the Bradley-Terry model"
+        )
+
+
+def get_divergence(name: str, *, alpha: float | jax.Array | None = None,
+                   admissible_only: bool = True) -> Divergence:
+    """Validates `name` / `alpha` and returns the Divergence.
+
+    Raises:
+      ValueError: unknown name; alpha missing, given for another divergence, or not in (0, 1);
+        total_variation / chi_squared when `admissible_only` (Theorem 1).
+    """
+    if name not in ADMISSIBLE + INADMISSIBLE:
+        raise ValueError(f"unknown divergence {name!r}; expected one of {ADMISSIBLE + INADMISSIBLE}")
+    if admissible_only:
+        _require_admissible(name)
+    if name == "alpha":
+        if alpha is None:
+            raise ValueError("divergence='alpha' needs alpha in (0, 1)")
+        if isinstance(alpha, (int, float)) and not 0.0 < alpha < 1.0:
+            raise ValueError(
+                f"alpha must be in (0, 1) (alpha -> 0 is reverse_kl, alpha -> 1 is forward_kl), "
+                f"got {alpha!r}"
+            )
+    elif alpha is not None:
+        raise ValueError(f"alpha={alpha!r} was given but divergence={name!r} takes no alpha")
+    return Divergence(name, alpha)
+
+
+def f_prime(name: str, logratio: jax.Array, *, alpha: float | None = None) -> jax.Array:
+    """f'(u) at u = exp(logratio) for an admissible divergence (Table 2.1), float32.
+
+    Args:
+      name: "reverse_kl", "forward_kl", "jsd" or "alpha".
+      logratio: any shape, log pi_theta - log pi_ref.
+      alpha: in (0, 1), only with name="alpha".
+
+    Returns:
+      Same shape as `logratio`, float32.
+
+    Raises:
+      ValueError: for "total_variation" / "chi_squared" (Theorem 1), unknown names, bad alpha.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f_prime("reverse_kl", jnp.array([0.0, 1.0]))
+      Array([1., 2.], dtype=float32)
+      >>> f_prime("forward_kl", jnp.array([0.0]))
+      Array([-1.], dtype=float32)
+    """
+    return get_divergence(name, alpha=alpha).f_prime(logratio)
+
+
+def f_divergence(name: str, log_p: jax.Array, log_q: jax.Array, *,
+                 alpha: float | None = None, axis: int = -1) -> jax.Array:
+    """D_f(p, q) = sum_y q(y) f(p(y)/q(y)) for categorical p, q given as log-probabilities.
+
+    Any of the six divergences of Table 2.1 (this is a value, not a loss, so the inadmissible
+    ones are allowed). Shapes: log_p, log_q [..., N] -> [...].
+    """
+    div = get_divergence(name, alpha=alpha, admissible_only=False)
+    log_p, log_q = as_float32(log_p), as_float32(log_q)
+    return jnp.sum(jnp.exp(log_q) * div.f(log_p - log_q), axis=axis)

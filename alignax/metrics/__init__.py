@@ -1,0 +1,1 @@
+"""Evaluation metrics: calibration, diversity, bias. One name per line, by topic module."""

@@ -1,0 +1,1 @@
+"""Analytic toy lab: finite-response policies, exact optima, population losses (vmappable)."""
