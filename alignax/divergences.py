@@ -46,19 +46,35 @@ _F_PRIME_SUP = {"reverse_kl": math.inf, "forward_kl": 0.0, "jsd": _LOG2,
                 "total_variation": 0.5, "chi_squared": math.inf}
 
 
-def _exp_difference(a: jax.Array, b: jax.Array) -> jax.Array:
-    """e^a - e^b without cancellation or inf * 0, for any finite a, b (same shape).
+@jax.custom_jvp
+def exp_difference(h1: jax.Array, h2: jax.Array, c: jax.Array | float) -> jax.Array:
+    """e^(-c h1) - e^(-c h2) for c > 0, exact near h1 = h2 and NaN-free for finite inputs.
 
-    e^a - e^b = e^m (e^(a-m) - e^(b-m)) with m = max(a, b); the bracket is written with expm1
-    on non-positive arguments only, so both it and its gradient are finite everywhere, and it is
-    exact near a = b, where DPO starts (h_w = h_l = 0).
+    Written as e^m (e^(a-m) - e^(b-m)) with a = -c h1, b = -c h2, m = max(a, b), and the
+    bracket through expm1 of non-positive arguments only. The exponent difference is formed as
+    -c (h1 - h2), never as (-c h1) - (-c h2): h1 - h2 is exactly 0 at a tie, whereas the latter
+    is not once the compiler fuses it into an FMA (it does on CPU), which at h = -28 would
+    shift a tied f-DPO loss by 2e-5. The derivatives (-c e^(-c h1), c e^(-c h2)) are given
+    explicitly, so they are inf where the true ones overflow, never the inf * 0 = NaN that
+    differentiating the factored form would give.
+
+    Shapes: h1, h2 broadcast together; c is a scalar.
     """
-    m = jnp.maximum(a, b)
-    d = a - b
+    m = -c * jnp.minimum(h1, h2)  # max(a, b) for c > 0
+    d = -c * (h1 - h2)  # a - b
     bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
     # e^m overflows only when the true difference does, except at an exact tie: keep that 0.
     tie_overflow = (m > _LOG_FLOAT32_MAX) & (bracket == 0.0)
     return jnp.where(tie_overflow, 0.0, jnp.exp(jnp.where(tie_overflow, 0.0, m)) * bracket)
+
+
+@exp_difference.defjvp
+def _exp_difference_jvp(primals, tangents):
+    h1, h2, c = primals
+    dh1, dh2, dc = tangents
+    e1, e2 = jnp.exp(-c * h1), jnp.exp(-c * h2)
+    tangent = -c * e1 * dh1 + c * e2 * dh2 + (h2 * e2 - h1 * e1) * dc
+    return exp_difference(h1, h2, c), tangent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +98,15 @@ class Divergence:
         if self.name == "alpha":
             return 1.0 / self.alpha
         return _F_PRIME_SUP[self.name]
+
+    @property
+    def power(self) -> float | jax.Array | None:
+        """c with f'(u) = -u^(-c)/c + const (forward KL: 1, alpha: alpha), else None.
+
+        For these f'(u) grows like e^(-c h) as h -> -inf, so losses built on it need care
+        where e^(-c h) overflows (see `alignax.objectives.fdpo_loss`).
+        """
+        return {"forward_kl": 1.0, "alpha": self.alpha}.get(self.name)
 
     def f(self, log_u: jax.Array) -> jax.Array:
         """f(u) at u = exp(log_u) (Table 2.1), so that D_f(p, q) = sum_y q(y) f(p(y)/q(y))."""
@@ -125,11 +150,11 @@ class Divergence:
         if self.name == "reverse_kl":
             return h1 - h2  # the +1 cancels: standard DPO exactly
         if self.name == "forward_kl":
-            return _exp_difference(-h2, -h1)  # -1/u1 + 1/u2
+            return exp_difference(h2, h1, 1.0)  # -1/u1 + 1/u2
         if self.name == "jsd":
             return jax.nn.log_sigmoid(h1) - jax.nn.log_sigmoid(h2)
         if self.name == "alpha":
-            return _exp_difference(-self.alpha * h2, -self.alpha * h1) / self.alpha
+            return exp_difference(h2, h1, self.alpha) / self.alpha  # (u2^-a - u1^-a)/a
         return self.f_prime(h1) - self.f_prime(h2)
 
     def f_prime_inverse(self, v: jax.Array) -> jax.Array:

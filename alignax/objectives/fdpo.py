@@ -10,7 +10,31 @@ import jax
 import jax.numpy as jnp
 
 from alignax._checks import as_float32, check_positive, check_same_shape
-from alignax.divergences import get_divergence
+from alignax.divergences import exp_difference, get_divergence
+
+
+@jax.custom_jvp
+def _power_fdpo_loss(chosen_h, rejected_h, beta, power):
+    """softplus(-z), z = beta (f'(u_w) - f'(u_l)) = (beta/c)(e^(-c h_l) - e^(-c h_w)), c = power.
+
+    The derivative is written out, -beta sigmoid(-z) e^(-c h_w) for h_w and
+    beta sigmoid(-z) e^(-c h_l) for h_l, each as one exp of a sum of logs: autodiff of the
+    composition would multiply sigmoid(-z) = 0 by an overflowed e^(-c h) = inf and give NaN
+    where the loss is a perfectly finite 0.
+    """
+    z = beta / power * exp_difference(rejected_h, chosen_h, power)
+    return jax.nn.softplus(-z)
+
+
+@_power_fdpo_loss.defjvp
+def _power_fdpo_loss_jvp(primals, tangents):
+    chosen_h, rejected_h, beta, power = primals
+    d_chosen, d_rejected, _, _ = tangents  # beta, power enter stop_gradient-ed (see fdpo_loss)
+    z = beta / power * exp_difference(rejected_h, chosen_h, power)
+    log_sigmoid_neg_z = -jax.nn.softplus(z)
+    grad_chosen = -beta * jnp.exp(log_sigmoid_neg_z - power * chosen_h)
+    grad_rejected = beta * jnp.exp(log_sigmoid_neg_z - power * rejected_h)
+    return jax.nn.softplus(-z), grad_chosen * d_chosen + grad_rejected * d_rejected
 
 
 def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.Array,
@@ -36,6 +60,8 @@ def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
       ValueError: mismatched shapes, beta <= 0, an inadmissible or unknown divergence
         (total_variation / chi_squared: Theorem 1), alpha outside (0, 1).
 
+    beta and alpha are hyper-parameters: no gradient flows into them for forward KL / alpha.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> fdpo_loss(jnp.array([0.0]), jnp.array([0.0]), beta=0.1)  # log 2
@@ -44,6 +70,9 @@ def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     check_same_shape(chosen_h=chosen_h, rejected_h=rejected_h)
     check_positive("beta", beta)
     div = get_divergence(divergence, alpha=alpha)
+    if div.power is not None:  # forward KL / alpha: f' ~ -e^(-c h)/c, see _power_fdpo_loss
+        beta, power = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power)))
+        return _power_fdpo_loss(as_float32(chosen_h), as_float32(rejected_h), beta, power)
     margin = div.f_prime_difference(chosen_h, rejected_h)  # f'(u_w) - f'(u_l), [B]
     return jax.nn.softplus(-beta * margin)  # -log sigmoid(beta margin), eq. 2.2
 
