@@ -4,12 +4,16 @@ The pure, jittable objectives and log-prob functions are re-exported here, one n
 models, data, training and the analytic toy lab live in their subpackages.
 """
 
+from alignax.logprobs import chunked_sequence_logprobs
+from alignax.logprobs import next_token_targets
 from alignax.logprobs import sequence_logprobs
 from alignax.logprobs import token_logprobs
 from alignax.objectives import *  # noqa: F401,F403  (the objectives' public names)
 from alignax.objectives import __all__ as _objective_names
 
 __all__ = [
+    "chunked_sequence_logprobs",
+    "next_token_targets",
     "sequence_logprobs",
     "token_logprobs",
     *_objective_names,

@@ -1,11 +1,39 @@
-"""Per-token and per-sequence log-probabilities of next-token targets, in float32."""
+"""Per-token and per-sequence log-probabilities of next-token targets, in float32.
+
+`sequence_logprobs` takes materialised logits [B, T, V]. `chunked_sequence_logprobs` takes the
+final hidden states [B, T, D] and the unembedding [D, V] instead, and computes the same values
+and gradients block by block, so the [B, T, V] logits (4.2 GB in float32 at B=4, T=2048,
+V=128,256) never exist: only one [chunk_size, vocab_chunk_size] block of them at a time.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from alignax._checks import check_rank, check_same_shape
+
+
+def _check_integer(name: str, x) -> None:
+    """Raises TypeError unless `x` holds integer token ids."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {jnp.result_type(x)}")
+
+
+def _check_floating(name: str, x) -> None:
+    """Raises TypeError unless `x` is a floating-point array."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
+
+
+def _check_chunk(name: str, value) -> None:
+    """Raises ValueError unless `value` is a positive Python int (a static block size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -17,10 +45,16 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
     Returns:
       [B, T] float32.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> token_logprobs(jnp.zeros((1, 2, 4)), jnp.array([[0, 3]]))  # log(1/4)
+      Array([[-1.3862944, -1.3862944]], dtype=float32)
     """
     check_rank("logits", logits, 3)
     if logits.shape[:2] != jnp.shape(targets):
         raise ValueError(f"logits {logits.shape} must be [B, T, V] for targets {jnp.shape(targets)}")
+    _check_integer("targets", targets)
     logits = logits.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)  # [B, T]
@@ -35,8 +69,219 @@ def sequence_logprobs(logits: jax.Array, targets: jax.Array, mask: jax.Array) ->
       mask: [B, T] bool/0-1, True on the response tokens to score.
 
     Returns:
-      [B] float32.
+      [B] float32 (0 for a sequence with an empty mask).
     """
     check_same_shape(targets=targets, mask=mask)
     logps = token_logprobs(logits, targets)
     return jnp.sum(jnp.where(jnp.asarray(mask).astype(bool), logps, 0.0), axis=-1)
+
+
+def next_token_targets(input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Shifts (input ids, response mask) into next-token targets and the mask that scores them.
+
+    The logits at position t predict the token at t + 1, so targets[:, t] = input_ids[:, t + 1]
+    and mask[:, t] = loss_mask[:, t + 1]; the last column has no next token (target 0, masked).
+
+    Args:
+      input_ids: [B, T] int token ids.
+      loss_mask: [B, T] bool/0-1, True on the response tokens whose log-prob is scored.
+
+    Returns:
+      (targets [B, T] int32, mask [B, T] bool).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> targets, mask = next_token_targets(jnp.array([[5, 6, 7]]), jnp.array([[0, 1, 1]]))
+      >>> targets, mask
+      (Array([[6, 7, 0]], dtype=int32), Array([[ True,  True, False]], dtype=bool))
+    """
+    check_rank("input_ids", input_ids, 2)
+    check_same_shape(input_ids=input_ids, loss_mask=loss_mask)
+    _check_integer("input_ids", input_ids)
+    input_ids = jnp.asarray(input_ids).astype(jnp.int32)
+    loss_mask = jnp.asarray(loss_mask).astype(bool)
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))  # [B, T]: last column 0
+    mask = jnp.pad(loss_mask[:, 1:], ((0, 0), (0, 1)))  # [B, T]: last column False
+    return targets, mask
+
+
+def chunked_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
+                              mask: jax.Array, *, chunk_size: int,
+                              vocab_chunk_size: int | None = None) -> jax.Array:
+    """`sequence_logprobs(hidden @ unembedding, targets, mask)` without the [B, T, V] logits.
+
+    The B*T positions are cut into chunks of `chunk_size` tokens and the vocabulary into chunks
+    of `vocab_chunk_size` entries; only one [chunk_size, vocab_chunk_size] float32 block of
+    logits exists at a time. The forward pass keeps a running log-sum-exp over vocabulary
+    chunks; a custom VJP recomputes each block's softmax in the backward pass and accumulates
+    d hidden and d unembedding in place, so the memory floor is the inputs, their gradients and
+    one block. Values and gradients (w.r.t. `hidden` and `unembedding`) equal the naive path's
+    up to float32 summation order. A last chunk that does not divide the length is shifted to
+    end at the boundary, and its positions already covered by the previous chunk are masked.
+
+    Args:
+      hidden: [B, T, D] final hidden states, any float dtype (each block is cast to float32).
+      unembedding: [D, V] output projection, any float dtype; logits = hidden @ unembedding.
+      targets: [B, T] int; targets[b, t] is the token that position t predicts.
+      mask: [B, T] bool/0-1, True on the positions to score (as in `sequence_logprobs`).
+      chunk_size: positions per chunk (static; clipped to B*T).
+      vocab_chunk_size: vocabulary entries per chunk (static; None or >= V means all of V).
+        Chunking the vocabulary also keeps the backward pass from forming a [D, V] temporary
+        per chunk: each block updates its own column slice of d unembedding.
+
+    Returns:
+      [B] float32 log pi(y|x) (0 for a sequence with an empty mask).
+
+    Raises:
+      ValueError: wrong ranks, hidden/unembedding/targets/mask shapes that do not agree, or a
+        chunk size that is not a positive int.
+      TypeError: non-float hidden/unembedding or non-integer targets.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> hidden, unembedding = jnp.zeros((2, 5, 3)), jnp.zeros((3, 7))  # uniform over V = 7
+      >>> targets, mask = jnp.ones((2, 5), jnp.int32), jnp.array([[1, 1, 1, 0, 0]] * 2)
+      >>> chunked_sequence_logprobs(hidden, unembedding, targets, mask, chunk_size=4,
+      ...                           vocab_chunk_size=3)  # 3 log(1/7)
+      Array([-5.8377304, -5.8377304], dtype=float32)
+    """
+    check_rank("hidden", hidden, 3)
+    check_rank("unembedding", unembedding, 2)
+    _check_floating("hidden", hidden)
+    _check_floating("unembedding", unembedding)
+    _check_integer("targets", targets)
+    batch, length, dim = hidden.shape
+    if unembedding.shape[0] != dim:
+        raise ValueError(f"unembedding {unembedding.shape} must be [D, V] with D = {dim} for "
+                         f"hidden {hidden.shape}")
+    if (batch, length) != jnp.shape(targets):
+        raise ValueError(f"targets {jnp.shape(targets)} must be [B, T] = {(batch, length)} for "
+                         f"hidden {hidden.shape}")
+    check_same_shape(targets=targets, mask=mask)
+    _check_chunk("chunk_size", chunk_size)
+    if vocab_chunk_size is not None:
+        _check_chunk("vocab_chunk_size", vocab_chunk_size)
+    vocab = unembedding.shape[1]
+    if vocab == 0:
+        raise ValueError(f"unembedding {unembedding.shape} has an empty vocabulary")
+    if batch * length == 0:
+        return jnp.zeros((batch,), jnp.float32)
+    token_chunk = min(chunk_size, batch * length)
+    vocab_chunk = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
+
+    def chunked(hidden, unembedding, targets, mask):
+        logps = _chunked_token_logprobs(hidden.reshape(batch * length, dim),  # [N = B*T, D]
+                                        unembedding, targets.reshape(-1).astype(jnp.int32),
+                                        token_chunk, vocab_chunk)
+        logps = logps.reshape(batch, length)  # [N] -> [B, T]
+        return jnp.sum(jnp.where(mask.astype(bool), logps, 0.0), axis=-1)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
+        # Under explicit sharding the loops' carries would need hand-written shardings; let the
+        # partitioner place them instead, and give the result the batch sharding of `hidden`.
+        spec = jax.typeof(hidden).sharding.spec
+        chunked = jax.sharding.auto_axes(chunked, out_sharding=P(spec[0] if spec else None))
+    return chunked(hidden, unembedding, jnp.asarray(targets), jnp.asarray(mask))
+
+
+def _chunk_window(size: int, chunk: int, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Start of chunk `index` of `size` (the last one shifted to end at `size`) and a [chunk]
+    bool marking the entries no earlier chunk covered."""
+    start = jnp.minimum(index * chunk, size - chunk)
+    fresh = start + jnp.arange(chunk) >= index * chunk  # [chunk]
+    return start, fresh
+
+
+def _num_chunks(size: int, chunk: int) -> int:
+    return -(-size // chunk)
+
+
+def _forward(hidden, unembedding, targets, token_chunk, vocab_chunk):
+    """Per-token log-probs [N] and log-sum-exps [N], one [token_chunk, vocab_chunk] block at a
+    time: lse = logaddexp over vocabulary chunks (a running log-sum-exp)."""
+    num_tokens, vocab = hidden.shape[0], unembedding.shape[1]
+
+    def token_step(carry, i):
+        logps, lses = carry  # [N], [N]
+        t0, _ = _chunk_window(num_tokens, token_chunk, i)
+        h = lax.dynamic_slice_in_dim(hidden, t0, token_chunk).astype(jnp.float32)  # [Tc, D]
+        y = lax.dynamic_slice_in_dim(targets, t0, token_chunk)  # [Tc]
+
+        def vocab_step(inner, j):
+            lse, picked = inner  # [Tc], [Tc]
+            v0, fresh = _chunk_window(vocab, vocab_chunk, j)
+            w = lax.dynamic_slice_in_dim(unembedding, v0, vocab_chunk, axis=1)
+            logits = h @ w.astype(jnp.float32)  # [Tc, Vc]
+            logits = jnp.where(fresh, logits, -jnp.inf)
+            is_target = (v0 + jnp.arange(vocab_chunk) == y[:, None]) & fresh  # [Tc, Vc]
+            picked = picked + jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+            return (jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), picked), None
+
+        init = (jnp.full((token_chunk,), -jnp.inf, jnp.float32),  # running log-sum-exp
+                jnp.zeros((token_chunk,), jnp.float32))  # target logit
+        (lse, picked), _ = lax.scan(vocab_step, init, jnp.arange(_num_chunks(vocab, vocab_chunk)))
+        # Overlapping rows of a shifted last chunk are recomputed identically: plain overwrite.
+        logps = lax.dynamic_update_slice_in_dim(logps, picked - lse, t0, axis=0)
+        lses = lax.dynamic_update_slice_in_dim(lses, lse, t0, axis=0)
+        return (logps, lses), None
+
+    init = (jnp.zeros((num_tokens,), jnp.float32), jnp.zeros((num_tokens,), jnp.float32))
+    (logps, lses), _ = lax.scan(token_step, init,
+                                jnp.arange(_num_chunks(num_tokens, token_chunk)))
+    return logps, lses
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_token_logprobs(hidden, unembedding, targets, token_chunk, vocab_chunk):
+    """[N, D], [D, V], [N] int -> [N] float32 log softmax(hidden @ unembedding)[targets]."""
+    return _forward(hidden, unembedding, targets, token_chunk, vocab_chunk)[0]
+
+
+def _chunked_token_logprobs_fwd(hidden, unembedding, targets, token_chunk, vocab_chunk):
+    logps, lses = _forward(hidden, unembedding, targets, token_chunk, vocab_chunk)
+    return logps, (hidden, unembedding, targets, lses)
+
+
+def _chunked_token_logprobs_bwd(token_chunk, vocab_chunk, residuals, cotangent):
+    """d logp_n / d logits_n = onehot(y_n) - softmax_n, recomputed per block from the saved
+    log-sum-exp; d hidden = dlogits @ W^T and d W = hidden^T @ dlogits, both accumulated into
+    their own slices (no [N, V] and no per-chunk [D, V] temporary)."""
+    hidden, unembedding, targets, lses = residuals
+    num_tokens, vocab = hidden.shape[0], unembedding.shape[1]
+    cotangent = cotangent.astype(jnp.float32)
+
+    def token_step(carry, i):
+        d_hidden, d_unembedding = carry  # [N, D], [D, V] float32
+        t0, fresh_rows = _chunk_window(num_tokens, token_chunk, i)
+        h = lax.dynamic_slice_in_dim(hidden, t0, token_chunk).astype(jnp.float32)  # [Tc, D]
+        y = lax.dynamic_slice_in_dim(targets, t0, token_chunk)  # [Tc]
+        lse = lax.dynamic_slice_in_dim(lses, t0, token_chunk)  # [Tc]
+        # Rows a previous chunk already handled get a zero cotangent: no double counting.
+        g = jnp.where(fresh_rows, lax.dynamic_slice_in_dim(cotangent, t0, token_chunk), 0.0)
+
+        def vocab_step(inner, j):
+            d_h, d_w = inner  # [Tc, D], [D, V]
+            v0, fresh = _chunk_window(vocab, vocab_chunk, j)
+            w = lax.dynamic_slice_in_dim(unembedding, v0, vocab_chunk, axis=1).astype(jnp.float32)
+            probs = jnp.exp(h @ w - lse[:, None])  # [Tc, Vc] softmax block
+            onehot = (v0 + jnp.arange(vocab_chunk) == y[:, None]).astype(jnp.float32)
+            d_logits = jnp.where(fresh, g[:, None] * (onehot - probs), 0.0)  # [Tc, Vc]
+            d_h = d_h + jnp.einsum("tv,dv->td", d_logits, w)
+            d_w_block = lax.dynamic_slice_in_dim(d_w, v0, vocab_chunk, axis=1)
+            d_w_block = d_w_block + jnp.einsum("td,tv->dv", h, d_logits)  # [D, Vc]
+            return (d_h, lax.dynamic_update_slice_in_dim(d_w, d_w_block, v0, axis=1)), None
+
+        init = (jnp.zeros_like(h), d_unembedding)
+        (d_h, d_unembedding), _ = lax.scan(vocab_step, init,
+                                           jnp.arange(_num_chunks(vocab, vocab_chunk)))
+        d_h = lax.dynamic_slice_in_dim(d_hidden, t0, token_chunk) + d_h  # zero on stale rows
+        return (lax.dynamic_update_slice_in_dim(d_hidden, d_h, t0, axis=0), d_unembedding), None
+
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(unembedding.shape, jnp.float32))
+    (d_hidden, d_unembedding), _ = lax.scan(token_step, init,
+                                            jnp.arange(_num_chunks(num_tokens, token_chunk)))
+    return d_hidden.astype(hidden.dtype), d_unembedding.astype(unembedding.dtype), None
+
+
+_chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)

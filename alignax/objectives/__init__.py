@@ -8,8 +8,40 @@ from alignax.objectives.fdpo import fdpo_loss
 from alignax.objectives.fdpo import ipo_loss
 from alignax.objectives.fdpo import nll_loss
 
+# Causal reward models (thesis ch. 4)
+from alignax.objectives.reward import bradley_terry_loss
+from alignax.objectives.reward import reward_accuracy
+from alignax.objectives.reward import reward_centering_loss
+from alignax.objectives.reward import reward_margin
+from alignax.objectives.causal import binned_mmd2
+from alignax.objectives.causal import causal_dpo_loss
+from alignax.objectives.causal import causal_reward_loss
+from alignax.objectives.causal import crm_regularizer
+from alignax.objectives.causal import gaussian_kernel
+from alignax.objectives.causal import median_heuristic_bandwidth
+from alignax.objectives.causal import mmd2
+
+# Reward-model distillation (004)
+from alignax.objectives.distill import distill_loss
+from alignax.objectives.distill import pessimistic_distill_loss
+from alignax.objectives.distill import pessimistic_dpo_loss
+
 __all__ = [
     "fdpo_loss",
     "ipo_loss",
     "nll_loss",
+    "bradley_terry_loss",
+    "reward_accuracy",
+    "reward_centering_loss",
+    "reward_margin",
+    "binned_mmd2",
+    "causal_dpo_loss",
+    "causal_reward_loss",
+    "crm_regularizer",
+    "gaussian_kernel",
+    "median_heuristic_bandwidth",
+    "mmd2",
+    "distill_loss",
+    "pessimistic_distill_loss",
+    "pessimistic_dpo_loss",
 ]

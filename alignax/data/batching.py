@@ -1,0 +1,132 @@
+"""Collating tokenized examples into padded numpy batches with masks for `sequence_logprobs`.
+
+Every sequence is `prompt + response`, right-padded to a bucket length chosen per batch from a
+few fixed lengths (so a jitted step compiles once per bucket, not once per batch). Per response
+role r ("chosen", "rejected", "response_1", "response_2"):
+
+    r_input_ids       [B, T] int32   (grouped: [B, K, T])
+    r_attention_mask  [B, T] int32   1 on prompt + response tokens
+    r_loss_mask       [B, T] bool    True on response tokens: the token at t is scored by the
+                                     logits at t - 1, see `alignax.logprobs.next_token_targets`
+    r_group_mask      [B, K] bool    grouped batches only: which of the K members exist
+
+plus "prompt_input_ids"/"prompt_attention_mask" [B, P] (LEFT-padded, for generation),
+"record_index" [B] int32, and when present "bin" [B] int32 and
+"target_rewards_1"/"target_rewards_2" ([B] for a scalar column, [E, B] for a list column).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from alignax.data.tokenize import TokenizedExample
+
+REWARD_KEYS = {"response_1": "target_rewards_1", "response_2": "target_rewards_2"}
+
+
+def bucket_lengths(max_length: int, *, smallest: int = 32) -> tuple[int, ...]:
+    """Powers of two from `smallest` below `max_length`, then `max_length`.
+
+    >>> bucket_lengths(512)
+    (32, 64, 128, 256, 512)
+    >>> bucket_lengths(100, smallest=16)
+    (16, 32, 64, 100)
+    """
+    if max_length < 1 or smallest < 1:
+        raise ValueError(f"max_length and smallest must be >= 1, got {max_length}, {smallest}")
+    lengths = []
+    length = smallest
+    while length < max_length:
+        lengths.append(length)
+        length *= 2
+    return (*lengths, max_length)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= `length` (buckets sorted ascending)."""
+    for bucket in buckets:
+        if bucket >= length:
+            return bucket
+    raise ValueError(f"a sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def _pad_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray | None],
+                   length: int, pad_token_id: int):
+    """Right-padded prompt + response rows; a None response is an absent group member, stored
+    as one attended pad token with an empty loss mask so that no attention row is all masked."""
+    n = len(prompts)
+    ids = np.full((n, length), pad_token_id, dtype=np.int32)
+    attention = np.zeros((n, length), dtype=np.int32)
+    loss = np.zeros((n, length), dtype=bool)
+    for j, (prompt, response) in enumerate(zip(prompts, responses)):
+        if response is None:
+            attention[j, 0] = 1
+            continue
+        p, r = len(prompt), len(response)
+        ids[j, :p] = prompt
+        ids[j, p:p + r] = response
+        attention[j, :p + r] = 1
+        loss[j, p:p + r] = True
+    return ids, attention, loss
+
+
+def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
+            prompt_buckets: Sequence[int], pad_token_id: int,
+            group_sizes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Stacks examples into one padded batch (the keys are listed in the module docstring).
+
+    Args:
+      examples: B tokenized examples of one dataset (same roles, same side columns).
+      buckets: allowed sequence lengths T, ascending; the batch takes the smallest that fits.
+      prompt_buckets: allowed left-padded prompt lengths P.
+      pad_token_id: the id written at padded positions.
+      group_sizes: role -> K for grouped data (every example padded to K members); None for
+        one response per role.
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    roles = tuple(examples[0].responses)
+    longest = max(len(ex.prompt_ids) + len(r) for ex in examples for role in roles
+                  for r in ex.responses[role])
+    length = bucket_for(longest, buckets)
+    batch: dict[str, np.ndarray] = {}
+    for role in roles:
+        if group_sizes is None:
+            ids, attention, loss = _pad_sequences(
+                [ex.prompt_ids for ex in examples], [ex.responses[role][0] for ex in examples],
+                length, pad_token_id)
+        else:
+            k = group_sizes[role]
+            members = [ex.responses[role] for ex in examples]
+            if max(len(m) for m in members) > k:
+                raise ValueError(f"a {role!r} group has more than group_sizes[{role!r}]={k} members")
+            padded = [tuple(m) + (None,) * (k - len(m)) for m in members]
+            ids, attention, loss = _pad_sequences(
+                [ex.prompt_ids for ex in examples for _ in range(k)],
+                [r for group in padded for r in group], length, pad_token_id)
+            ids, attention, loss = (a.reshape(len(examples), k, length)  # [B*K, T] -> [B, K, T]
+                                    for a in (ids, attention, loss))
+            batch[f"{role}_group_mask"] = np.array([[r is not None for r in group]
+                                                    for group in padded], dtype=bool)
+        batch[f"{role}_input_ids"] = ids
+        batch[f"{role}_attention_mask"] = attention
+        batch[f"{role}_loss_mask"] = loss
+
+    prompt_length = bucket_for(max(len(ex.prompt_ids) for ex in examples), prompt_buckets)
+    prompt_ids = np.full((len(examples), prompt_length), pad_token_id, dtype=np.int32)
+    prompt_mask = np.zeros((len(examples), prompt_length), dtype=np.int32)
+    for j, ex in enumerate(examples):  # left padding: the prompt ends at the last column
+        prompt_ids[j, prompt_length - len(ex.prompt_ids):] = ex.prompt_ids
+        prompt_mask[j, prompt_length - len(ex.prompt_ids):] = 1
+    batch["prompt_input_ids"] = prompt_ids
+    batch["prompt_attention_mask"] = prompt_mask
+    batch["record_index"] = np.array([ex.index for ex in examples], dtype=np.int32)
+    if examples[0].bin is not None:
+        batch["bin"] = np.array([ex.bin for ex in examples], dtype=np.int32)
+    for role, key in REWARD_KEYS.items():
+        if role in examples[0].rewards:
+            # [B] for scalar rewards; [B, E] -> [E, B] for an ensemble's
+            batch[key] = np.asarray([ex.rewards[role] for ex in examples], dtype=np.float32).T
+    return batch

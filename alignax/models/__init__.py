@@ -1,0 +1,28 @@
+"""Flax NNX causal LMs (Llama/Mistral/Qwen2, GPT-2, GPT-NeoX) that load and save Hugging Face
+safetensors checkpoints, with logical-axis sharding and KV-cache sampling."""
+
+from alignax.models.attention import KVCache
+from alignax.models.causal_lm import CausalLM
+from alignax.models.config import ModelConfig
+from alignax.models.config import tiny_config
+from alignax.models.generate import generate
+from alignax.models.loading import from_pretrained
+from alignax.models.partitioning import DEFAULT_RULES
+from alignax.models.partitioning import logical_to_mesh_sharding
+from alignax.models.partitioning import state_shardings
+from alignax.models.registry import create
+from alignax.models.saving import save_pretrained
+
+__all__ = [
+    "CausalLM",
+    "DEFAULT_RULES",
+    "KVCache",
+    "ModelConfig",
+    "create",
+    "from_pretrained",
+    "generate",
+    "logical_to_mesh_sharding",
+    "save_pretrained",
+    "state_shardings",
+    "tiny_config",
+]

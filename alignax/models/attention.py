@@ -1,0 +1,157 @@
+"""Shared causal self-attention: padding mask, explicit positions, GQA, RoPE, KV cache.
+
+Every family calls `Attention` with an explicit boolean mask [B, T, S] (query t may read key
+slot s) built once per forward by `make_mask`. Key validity comes from the attention mask
+and causality from *slots* (where a token sits in the sequence or cache), while RoPE and the
+sliding window use *positions* (the token's index among its row's real tokens). So a
+left-padded row and the same row right-padded give the same values on their real tokens.
+
+Shapes: B batch, T query length, S key length (T, or the cache length), H query heads,
+K key/value heads (H = K * G for grouped-query attention), Dh head dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignax.models.config import ModelConfig, RopeConfig
+from alignax.models.layers import Dense
+
+
+def rope_inverse_frequencies(rope: RopeConfig) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2] float32, incl. linear and Llama-3 rescaling."""
+    dim = rope.rotary_dim
+    inv_freq = 1.0 / (rope.theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between.
+        old = rope.original_max_position_embeddings
+        low_wavelen = old / rope.low_freq_factor
+        high_wavelen = old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (rope.high_freq_factor
+                                                           - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeConfig) -> jax.Array:
+    """Rotates the first `rope.rotary_dim` dims of x [B, T, N, Dh] by positions [B, T].
+
+    The "rotate half" convention of HF Llama/NeoX: dims [0, r/2) pair with [r/2, r).
+    Dims past `rotary_dim` (partial rotary, GPT-NeoX `rotary_pct`) pass through unchanged.
+    """
+    r = rope.rotary_dim
+    inv_freq = jnp.asarray(rope_inverse_frequencies(rope))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, r/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, r]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    rot, rest = x[..., :r].astype(jnp.float32), x[..., r:]
+    half = jnp.concatenate([-rot[..., r // 2:], rot[..., : r // 2]], axis=-1)
+    rot = (rot * cos + half * sin).astype(x.dtype)
+    return jnp.concatenate([rot, rest], axis=-1) if r < x.shape[-1] else rot
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for slots [0, S), plus which slots hold real tokens.
+
+    keys, values: one [B, S, K, Dh] array per layer. valid [B, S] bool, positions [B, S]
+    int32 (RoPE position of the token in each slot), index: scalar int32, the next slot to
+    write. Decoding writes T new tokens into slots [index, index + T).
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, *, batch_size: int, max_length: int, dtype) -> KVCache:
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(keys=zeros, values=zeros,
+                   valid=jnp.zeros((batch_size, max_length), bool),
+                   positions=jnp.zeros((batch_size, max_length), jnp.int32),
+                   index=jnp.zeros((), jnp.int32))
+
+
+def make_mask(cfg: ModelConfig, query_positions: jax.Array, key_positions: jax.Array,
+                   key_valid: jax.Array, query_slot_offset: jax.Array | int = 0) -> jax.Array:
+    """Boolean mask [B, T, S]: key slot s is real, not after the query, inside the window.
+
+    Args:
+      query_positions: [B, T] RoPE positions of the queries.
+      key_positions: [B, S] positions of the keys (== query_positions without a cache).
+      key_valid: [B, S] bool, False on padding.
+      query_slot_offset: slot of the first query (the cache index; 0 without a cache).
+    """
+    t, s = query_positions.shape[1], key_positions.shape[1]
+    q_slot = query_slot_offset + jnp.arange(t)  # [T]
+    causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+    mask = causal[None] & key_valid[:, None, :]  # [B, T, S]
+    if cfg.sliding_window is not None:
+        # HF Mistral: key k is visible to query q when q - k < sliding_window.
+        distance = query_positions[:, :, None] - key_positions[:, None, :]
+        mask = mask & (distance < cfg.sliding_window)
+    return mask
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, scale: float | None = None):
+        d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Dense(d, h * dh, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Dense(d, k * dh, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Dense(d, k * dh, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Dense(h * dh, d, axes=("heads", "embed"), use_bias=cfg.out_bias, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, dh
+        self.rope = cfg.rope
+        self.scale = cfg.attn_scale if scale is None else scale
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], updated (k, v) cache).
+
+        With `cache` = (keys, values) [B, S, K, Dh], the new keys/values are written at slot
+        `cache_index` and the queries attend over all S slots (the mask hides empty ones).
+        """
+        b, t, _ = x.shape
+        h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).reshape(b, t, h, dh)  # [B, T, H*Dh] -> [B, T, H, Dh]
+        key = self.k_proj(x).reshape(b, t, k, dh)  # [B, T, K, Dh]
+        value = self.v_proj(x).reshape(b, t, k, dh)  # [B, T, K, Dh]
+        if self.rope is not None:
+            q = apply_rope(q, positions, self.rope)
+            key = apply_rope(key, positions, self.rope)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            key = jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype), start)
+            value = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), start)
+            cache = (key, value)
+        q = q.reshape(b, t, k, h // k, dh)  # [B, T, K, G, Dh]: G query heads share a KV head
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, key.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * self.scale
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, K, G, T, S]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, value.astype(self.dtype))
+        out = out.reshape(b, t, h * dh)  # [B, T, K, G, Dh] -> [B, T, H*Dh]
+        return self.o_proj(out), cache

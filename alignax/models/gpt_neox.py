@@ -1,0 +1,148 @@
+"""GPT-NeoX / Pythia: LayerNorm blocks, partial rotary, (optionally) parallel residual.
+
+    x = embed_in(ids)                                           [B, T, D]
+    for each layer:
+        a = attn(input_layernorm(x))                            RoPE on the first rotary_pct
+        parallel:   x = x + a + mlp(post_attention_layernorm(x))      of each head's dims
+        sequential: x = x + a; x = x + mlp(post_attention_layernorm(x))
+    h = final_layer_norm(x); logits = h @ embed_out             [B, T, V]
+
+HF fuses q/k/v per head: query_key_value.weight is [3D, D] with rows ordered [H, (q,k,v), Dh];
+we split it into separate q/k/v kernels so attention (and its sharding) is shared.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from alignax.models.attention import Attention
+from alignax.models.causal_lm import CausalLM
+from alignax.models.config import ModelConfig
+from alignax.models.layers import Dense, Embed, LayerNorm, activation
+
+
+class GPTNeoXMLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, **kw):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.dense_h_to_4h = Dense(d, f, axes=("embed", "mlp"), use_bias=True, **kw)
+        self.dense_4h_to_h = Dense(f, d, axes=("mlp", "embed"), use_bias=True, **kw)
+        self.act = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dense_4h_to_h(activation(self.act)(self.dense_h_to_4h(x)))  # [B, T, F] in
+
+
+class GPTNeoXLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, **kw):
+        norm_kw = dict(eps=cfg.norm_eps, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+        self.input_layernorm = LayerNorm(cfg.hidden_size, **norm_kw)
+        self.post_attention_layernorm = LayerNorm(cfg.hidden_size, **norm_kw)
+        self.attention = Attention(cfg, **kw)
+        self.mlp = GPTNeoXMLP(cfg, **kw)
+        self.parallel_residual = cfg.parallel_residual
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        """x [B, T, D] -> ([B, T, D], updated (k, v) cache of this layer)."""
+        a, cache = self.attention(self.input_layernorm(x), positions, mask, cache, cache_index)
+        if self.parallel_residual:
+            return x + a + self.mlp(self.post_attention_layernorm(x)), cache
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class GPTNeoXForCausalLM(CausalLM):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        cfg = self._setup(config, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
+        self.layers = nnx.List([GPTNeoXLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
+                                          param_dtype=param_dtype)
+        self.embed_out = (None if cfg.tie_word_embeddings else
+                          Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                                use_bias=False, **kw))
+
+    def _body(self, input_ids, positions, mask, cache, cache_index):
+        x = self.embed_in(input_ids)  # [B, T, D]
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i],
+                                   cache_index)
+            new_cache.append(layer_cache)
+        return self.final_layer_norm(x), (None if cache is None else tuple(new_cache))
+
+    def unembedding(self) -> jax.Array:
+        if self.embed_out is None:
+            return self.embed_in.embedding[...].T.astype(self.dtype)  # [V, D] -> [D, V]
+        return self.embed_out.kernel[...].astype(self.dtype)
+
+
+_NAMES = ("q_proj", "k_proj", "v_proj")
+
+
+def params_from_hf(cfg: ModelConfig, read, keys=None):
+    """Yields (our parameter path, array) from `read(hf_key) -> np.ndarray`.
+
+    The output head is "embed_out.weight" in Pythia checkpoints and "lm_head.weight" in those
+    written by transformers >= 5; `keys` (the checkpoint's tensor names) picks, None means
+    "embed_out.weight".
+    """
+    h, d, dh = cfg.num_heads, cfg.hidden_size, cfg.head_dim
+    yield ("embed_in", "embedding"), read("gpt_neox.embed_in.weight")
+    yield ("final_layer_norm", "weight"), read("gpt_neox.final_layer_norm.weight")
+    yield ("final_layer_norm", "bias"), read("gpt_neox.final_layer_norm.bias")
+    if not cfg.tie_word_embeddings:
+        head = "lm_head.weight" if keys is not None and "lm_head.weight" in keys else \
+            "embed_out.weight"
+        yield ("embed_out", "kernel"), read(head).T  # [V, D] -> [D, V]
+    for i in range(cfg.num_layers):
+        p, ours = f"gpt_neox.layers.{i}.", ("layers", i)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield (*ours, norm, "weight"), read(f"{p}{norm}.weight")
+            yield (*ours, norm, "bias"), read(f"{p}{norm}.bias")
+        qkv = read(f"{p}attention.query_key_value.weight").reshape(h, 3, dh, d)  # [3D, D]
+        for j, name in enumerate(_NAMES):
+            yield (*ours, "attention", name, "kernel"), qkv[:, j].reshape(h * dh, d).T  # [D, D]
+        if cfg.qkv_bias:
+            bias = read(f"{p}attention.query_key_value.bias").reshape(h, 3, dh)  # [3D]
+            for j, name in enumerate(_NAMES):
+                yield (*ours, "attention", name, "bias"), bias[:, j].reshape(h * dh)
+        yield (*ours, "attention", "o_proj", "kernel"), read(f"{p}attention.dense.weight").T
+        if cfg.out_bias:
+            yield (*ours, "attention", "o_proj", "bias"), read(f"{p}attention.dense.bias")
+        for name in ("dense_h_to_4h", "dense_4h_to_h"):
+            yield (*ours, "mlp", name, "kernel"), read(f"{p}mlp.{name}.weight").T
+            yield (*ours, "mlp", name, "bias"), read(f"{p}mlp.{name}.bias")
+
+
+def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
+    """Our {parameter path: np.ndarray} -> {HF safetensors key: np.ndarray} (Pythia names)."""
+    h, d, dh = cfg.num_heads, cfg.hidden_size, cfg.head_dim
+    out = {"gpt_neox.embed_in.weight": params[("embed_in", "embedding")],
+           "gpt_neox.final_layer_norm.weight": params[("final_layer_norm", "weight")],
+           "gpt_neox.final_layer_norm.bias": params[("final_layer_norm", "bias")]}
+    if not cfg.tie_word_embeddings:
+        out["embed_out.weight"] = params[("embed_out", "kernel")].T
+    for i in range(cfg.num_layers):
+        p, ours = f"gpt_neox.layers.{i}.", ("layers", i, "attention")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{p}{norm}.weight"] = params[("layers", i, norm, "weight")]
+            out[f"{p}{norm}.bias"] = params[("layers", i, norm, "bias")]
+        kernels = [params[(*ours, n, "kernel")].T.reshape(h, dh, d) for n in _NAMES]
+        out[f"{p}attention.query_key_value.weight"] = np.stack(kernels, 1).reshape(3 * d, d)
+        if cfg.qkv_bias:
+            biases = [params[(*ours, n, "bias")].reshape(h, dh) for n in _NAMES]
+            out[f"{p}attention.query_key_value.bias"] = np.stack(biases, 1).reshape(3 * d)
+        out[f"{p}attention.dense.weight"] = params[(*ours, "o_proj", "kernel")].T
+        if cfg.out_bias:
+            out[f"{p}attention.dense.bias"] = params[(*ours, "o_proj", "bias")]
+        for name in ("dense_h_to_4h", "dense_4h_to_h"):
+            out[f"{p}mlp.{name}.weight"] = params[("layers", i, "mlp", name, "kernel")].T
+            out[f"{p}mlp.{name}.bias"] = params[("layers", i, "mlp", name, "bias")]
+    return out

@@ -1,0 +1,120 @@
+"""Llama 2/3, Mistral and Qwen2: pre-norm RMSNorm blocks, RoPE, GQA, SwiGLU MLP.
+
+    x = embed(ids)                                   [B, T, D]
+    for each layer:
+        x = x + attn(rmsnorm(x))                     q/k/v/o projections, RoPE, GQA
+        x = x + down(silu(gate(rmsnorm(x))) * up(.)) [B, T, F] inside
+    h = rmsnorm(x); logits = h @ lm_head             [B, T, V] (tied: embed.T)
+
+Qwen2 adds biases to q/k/v; Llama `attention_bias` adds them to q/k/v/o; Mistral may use a
+sliding window (`ModelConfig.sliding_window`). HF weight names are mapped in `hf_names`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from alignax.models.attention import Attention
+from alignax.models.causal_lm import CausalLM
+from alignax.models.config import ModelConfig
+from alignax.models.layers import Dense, Embed, RMSNorm, activation
+
+
+class LlamaMLP(nnx.Module):
+    """down(act(gate(x)) * up(x)); gate/up [D, F], down [F, D]."""
+
+    def __init__(self, cfg: ModelConfig, **kw):
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = Dense(d, f, axes=("embed", "mlp"), use_bias=bias, **kw)
+        self.up_proj = Dense(d, f, axes=("embed", "mlp"), use_bias=bias, **kw)
+        self.down_proj = Dense(f, d, axes=("mlp", "embed"), use_bias=bias, **kw)
+        self.act = cfg.activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, **kw):
+        norm_kw = dict(eps=cfg.norm_eps, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+        self.mlp = LlamaMLP(cfg, **kw)
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        """x [B, T, D] -> ([B, T, D], updated (k, v) cache of this layer)."""
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, config: Any, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        cfg = self._setup(config, dtype=dtype, param_dtype=param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
+        self.layers = nnx.List([LlamaBlock(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                              use_bias=False, **kw))
+
+    def _body(self, input_ids, positions, mask, cache, cache_index):
+        x = self.embed_tokens(input_ids)  # [B, T, D]
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i],
+                                   cache_index)
+            new_cache.append(layer_cache)
+        return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def unembedding(self) -> jax.Array:
+        if self.lm_head is None:
+            return self.embed_tokens.embedding[...].T.astype(self.dtype)  # [V, D] -> [D, V]
+        return self.lm_head.kernel[...].astype(self.dtype)
+
+
+def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
+    """Our parameter path -> (HF safetensors key, transpose?). torch Linear weights are
+    [out, in]; our kernels are [in, out]."""
+    names: dict[tuple, tuple[str, bool]] = {
+        ("embed_tokens", "embedding"): ("model.embed_tokens.weight", False),
+        ("norm", "weight"): ("model.norm.weight", False),
+    }
+    if not cfg.tie_word_embeddings:
+        names[("lm_head", "kernel")] = ("lm_head.weight", True)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names[("layers", i, "input_layernorm", "weight")] = (p + "input_layernorm.weight", False)
+        names[("layers", i, "post_attention_layernorm", "weight")] = (
+            p + "post_attention_layernorm.weight", False)
+        projections = [("self_attn", n, cfg.qkv_bias) for n in ("q_proj", "k_proj", "v_proj")]
+        projections += [("self_attn", "o_proj", cfg.out_bias)]
+        projections += [("mlp", n, cfg.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")]
+        for module, proj, bias in projections:
+            names[("layers", i, module, proj, "kernel")] = (f"{p}{module}.{proj}.weight", True)
+            if bias:
+                names[("layers", i, module, proj, "bias")] = (f"{p}{module}.{proj}.bias", False)
+    return names
+
+
+def params_from_hf(cfg: ModelConfig, read, keys=None):
+    """Yields (our parameter path, array) from `read(hf_key) -> np.ndarray`; `keys`: the
+    checkpoint's tensor names."""
+    for path, (key, transpose) in hf_names(cfg).items():
+        w = read(key)
+        yield path, (w.T if transpose else w)
+
+
+def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
+    """Our {parameter path: np.ndarray} -> {HF safetensors key: np.ndarray}."""
+    return {key: (params[path].T if transpose else params[path])
+            for path, (key, transpose) in hf_names(cfg).items()}

@@ -1,0 +1,192 @@
+"""`make_train_step`: one jitted, sharded, state-donating update for any objective adapter.
+
+Data flow (DESIGN.md): batch -> policy (and frozen reference) final hidden states ->
+`chunked_sequence_logprobs` per role (never [B, T, V] logits) -> objective(log-probs, batch)
+-> mean -> grad (accumulated over micro-batches) -> optax update. A non-finite loss or
+gradient leaves the state unchanged, so the caller can save it as the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from alignax.logprobs import chunked_sequence_logprobs, next_token_targets
+from alignax.training.mesh import batch_sharding, replicated
+from alignax.training.objectives import Objective
+from alignax.training.state import TrainState, cast_floating
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole forward in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """How a step computes (not what it optimises).
+
+    grad_accum_steps: micro-batches per update; the batch size must be a multiple of it.
+    remat: None, "full" or "dots" (`REMAT_POLICIES`): rematerialise the policy forward.
+    compute_dtype: "float32" or "bfloat16" activations/matmuls; the master parameters,
+      optimizer state, log-probs and losses stay float32.
+    chunk_size / vocab_chunk_size: `chunked_sequence_logprobs` blocks.
+    """
+
+    grad_accum_steps: int = 1
+    remat: str | None = None
+    compute_dtype: str = "float32"
+    chunk_size: int = 1024
+    vocab_chunk_size: int | None = 8192
+
+
+def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
+                  chunk_size: int, vocab_chunk_size: int | None) -> dict[str, jax.Array]:
+    """Per-sequence log pi(response | prompt) of each role, in one concatenated forward pass.
+
+    Args:
+      model: a CausalLM (`hidden_states`, `unembedding`).
+      batch: holds f"{role}_input_ids", f"{role}_attention_mask", f"{role}_loss_mask", each
+        [B, T_role] or grouped [B, K, T_role].
+      roles: column prefixes to score.
+
+    Returns:
+      role -> [B] (or [B, K]) float32 summed response-token log-probs.
+    """
+    lead_shapes, rows = [], []
+    length = max(batch[f"{r}_input_ids"].shape[-1] for r in roles)
+    for role in roles:
+        ids = batch[f"{role}_input_ids"]
+        lead_shapes.append(ids.shape[:-1])
+        cols = []
+        for name in ("input_ids", "attention_mask", "loss_mask"):
+            x = batch[f"{role}_{name}"].reshape(-1, ids.shape[-1])  # [B(*K), T_role]
+            cols.append(jnp.pad(x, ((0, 0), (0, length - ids.shape[-1]))))  # right-pad to T
+        rows.append(cols)
+    ids, attention_mask, loss_mask = (jnp.concatenate(c, axis=0) for c in zip(*rows))  # [N, T]
+    hidden = model.hidden_states(ids, attention_mask=attention_mask)  # [N, T, D]
+    targets, mask = next_token_targets(ids, loss_mask.astype(bool) & attention_mask.astype(bool))
+    logps = chunked_sequence_logprobs(hidden, model.unembedding(), targets, mask,
+                                      chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    out, start = {}, 0
+    for role, lead in zip(roles, lead_shapes):
+        size = math.prod(lead)
+        out[role] = logps[start:start + size].reshape(lead)  # [N_role] -> [B] or [B, K]
+        start += size
+    return out
+
+
+def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
+                    optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    mesh: Mesh, state_shardings: TrainState, model_state: Any = None,
+                    config: StepConfig = StepConfig(), reference: str = "model",
+                    max_traces: int | None = None) -> Callable:
+    """Returns `step(state, batch, reference_params) -> (state, metrics)`, a `jax.jit` closure.
+
+    Args:
+      graphdef: the model's graph definition (`alignax.training.state.split_model`).
+      objective: an adapter (`alignax.training.objectives.make_objective`).
+      optimizer, schedule: from `alignax.training.state.make_optimizer`.
+      mesh: the ("data", "fsdp", "tensor") mesh.
+      state_shardings: from `create_train_state`; the state argument is donated.
+      model_state: the non-parameter model state from `split_model` (constants).
+      config: micro-batching, remat, compute dtype, chunk sizes.
+      reference: "model" (a frozen reference passed as `reference_params`, same layout as the
+        policy parameters, recomputed every step) or "cached" (the batch carries
+        f"{role}_reference_logps" [B], see `alignax.training.reference`; pass None). Objectives
+        without a reference (`uses_reference=False`, e.g. "sft") take None either way.
+      max_traces: if set, raise when the step is traced more often (`chex.assert_max_traces`).
+
+    The returned step: `state` is donated; `batch` is a dict of [B, ...] arrays sharded over
+    ("data", "fsdp"); metrics are replicated float32 scalars: loss, the objective's metrics,
+    logps/<role>, grad_norm (before clipping), lr, num_tokens (policy tokens processed), and
+    update_applied (0 when a non-finite loss or gradient skipped the update).
+    """
+    if reference not in ("model", "cached"):
+        raise ValueError(f"reference must be 'model' or 'cached', got {reference!r}")
+    if config.remat is not None and config.remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be None or one of {sorted(REMAT_POLICIES)}, got {config.remat!r}")
+    compute_dtype = jnp.dtype(config.compute_dtype)
+    accum = config.grad_accum_steps
+    roles = objective.roles
+
+    def merged(params):
+        compute_params = cast_floating(params, compute_dtype)
+        if model_state is None:
+            return nnx.merge(graphdef, compute_params)
+        return nnx.merge(graphdef, compute_params, model_state)
+
+    def policy_logps(params, batch):
+        return role_logprobs(merged(params), batch, roles, chunk_size=config.chunk_size,
+                             vocab_chunk_size=config.vocab_chunk_size)
+
+    if config.remat is not None:
+        policy_logps = jax.checkpoint(policy_logps, policy=REMAT_POLICIES[config.remat])
+
+    def reference_logps(reference_params, batch):
+        if not objective.uses_reference:
+            return None
+        if reference == "cached":
+            return {r: batch[f"{r}_reference_logps"].astype(jnp.float32) for r in roles}
+        return jax.lax.stop_gradient(policy_logps(reference_params, batch))
+
+    def loss_fn(params, reference_params, batch, step, key):
+        logps = policy_logps(params, batch)
+        per_example, metrics = objective(logps, reference_logps(reference_params, batch), batch,
+                                         step=step, key=key)
+        metrics = {**metrics, **{f"logps/{r}": jnp.mean(v) for r, v in logps.items()}}
+        return jnp.mean(per_example), metrics
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, reference_params, batch, step, key):
+        if accum == 1:
+            return grad_fn(params, reference_params, batch, step, key)
+        size = jax.tree.leaves(batch)[0].shape[0]
+        if size % accum:
+            raise ValueError(f"batch size {size} is not a multiple of grad_accum_steps {accum}")
+        # [B, ...] -> [B/A, A, ...] -> [A, B/A, ...]: micro-batch j takes rows j, A + j, ...,
+        # so every micro-batch stays spread over all data-parallel devices.
+        micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(size // accum, accum, *x.shape[1:]),
+                                                    0, 1), batch)
+
+        def body(grad_sum, xs):
+            index, micro_batch = xs
+            (loss, metrics), grads = grad_fn(params, reference_params, micro_batch, step,
+                                             jax.random.fold_in(key, index))
+            return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grad_sum, (losses, metrics) = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        return (jnp.mean(losses), jax.tree.map(jnp.mean, metrics)), grads
+
+    def step_fn(state: TrainState, batch, reference_params):
+        key = jax.random.fold_in(state.key, state.step)
+        (loss, metrics), grads = gradients(state.params, reference_params, batch, state.step, key)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(params=params, opt_state=opt_state, step=state.step + 1, key=state.key)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)  # keep last good state
+        num_tokens = sum(jnp.sum(batch[f"{r}_attention_mask"].astype(jnp.float32)) for r in roles)
+        metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
+                   "lr": jnp.asarray(schedule(state.step), jnp.float32),
+                   "num_tokens": num_tokens, "update_applied": ok.astype(jnp.float32)}
+        return new, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+    if max_traces is not None:
+        step_fn = chex.assert_max_traces(step_fn, n=max_traces)
+    frozen_reference = reference == "model" and objective.uses_reference
+    reference_shardings = state_shardings.params if frozen_reference else None
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh), reference_shardings),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)

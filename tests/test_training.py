@@ -1,0 +1,252 @@
+"""Train step, objective adapters, reference caching and the loop, on a tiny Llama (one device).
+
+Every step variant is built once per module (`step_for`) on fixed shapes [B=8, T=16].
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from alignax.data import BatchIterator, PreferenceDataset, TokenizedExample, TruncationReport
+from alignax.data import default_tokenizer
+from alignax.models import create, tiny_config
+from alignax.objectives import fdpo_loss, ipo_loss
+from alignax.training.checkpoint import Checkpointer
+from alignax.training.loop import MetricsLogger, NonFiniteLossError, plot_metrics, train
+from alignax.training.mesh import global_batch, make_mesh
+from alignax.training.objectives import (OBJECTIVES, ObjectiveConfig, make_objective,
+                                         register_objective)
+from alignax.training.reference import (WithReferenceLogps, cached_reference_logps,
+                                        compute_reference_logps, tokenizer_hash)
+from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
+                                    make_schedule, split_model)
+from alignax.training.step import StepConfig, make_train_step
+
+VOCAB, BATCH, LENGTH, PROMPT = 64, 8, 16, 6
+CONFIG = tiny_config("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                     num_hidden_layers=1)
+MESH = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+MODEL = split_model(create(CONFIG, rngs=nnx.Rngs(0)))
+OPTIMIZER = make_optimizer(OptimizerConfig(learning_rate=1e-3))
+
+
+def examples(n: int = 24, seed: int = 0) -> list[TokenizedExample]:
+    rng = np.random.default_rng(seed)
+    return [TokenizedExample(index=i, prompt_ids=rng.integers(1, VOCAB, PROMPT).astype(np.int32),
+                             responses={r: (rng.integers(1, VOCAB, rng.integers(4, LENGTH - PROMPT + 1))
+                                            .astype(np.int32),) for r in ("chosen", "rejected")},
+                             rewards={}, bin=None) for i in range(n)]
+
+
+DATASET = PreferenceDataset(examples(), format="standard", report=TruncationReport(),
+                            pad_token_id=0, buckets=(LENGTH,), prompt_buckets=(PROMPT,),
+                            group_sizes=None)
+
+
+def first_batch(**kwargs) -> dict[str, np.ndarray]:
+    return next(DATASET.batches(batch_size=BATCH, seed=0, **kwargs))
+
+
+def fresh_state():
+    return create_train_state(MODEL[1], OPTIMIZER[0], key=jax.random.PRNGKey(0), mesh=MESH)
+
+
+@functools.cache
+def step_for(reference: str = "model", **step_config):
+    graphdef, _, rest = MODEL
+    _, shardings = fresh_state()
+    return make_train_step(graphdef, make_objective(ObjectiveConfig(beta=0.5)), *OPTIMIZER,
+                           mesh=MESH, state_shardings=shardings, model_state=rest,
+                           config=StepConfig(chunk_size=32, vocab_chunk_size=32, **step_config),
+                           reference=reference)
+
+
+def one_step(batch, reference_params="same", **step_config):
+    state, _ = fresh_state()
+    reference = jax.tree.map(jnp.copy, MODEL[1]) if reference_params == "same" else reference_params
+    reference_mode = "cached" if reference_params is None else "model"
+    state, metrics = step_for(reference_mode, **step_config)(state, global_batch(batch, MESH),
+                                                             reference)
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+def relative_error(a, b) -> float:
+    errors = jax.tree.map(lambda x, y: np.linalg.norm(np.asarray(x) - np.asarray(y))
+                          / np.linalg.norm(np.asarray(y)), a, b)
+    return max(jax.tree.leaves(errors))
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return one_step(first_batch())
+
+
+# ------------------------------------------------------------------ objective adapters
+
+@pytest.mark.parametrize("divergence,alpha", [("reverse_kl", None), ("forward_kl", None),
+                                              ("jsd", None), ("alpha", 0.3)])
+def test_fdpo_adapter_is_fdpo_loss_of_log_ratios(divergence, alpha):
+    rng = np.random.default_rng(1)
+    policy = {r: jnp.asarray(rng.normal(-20, 3, 5), jnp.float32) for r in ("chosen", "rejected")}
+    reference = {r: jnp.asarray(rng.normal(-20, 3, 5), jnp.float32) for r in ("chosen", "rejected")}
+    objective = make_objective(ObjectiveConfig(beta=0.2, divergence=divergence, alpha=alpha))
+    loss, metrics = jax.jit(lambda p, r: objective(p, r, {}, step=0, key=None))(policy, reference)
+    h_w, h_l = policy["chosen"] - reference["chosen"], policy["rejected"] - reference["rejected"]
+    np.testing.assert_allclose(loss, fdpo_loss(h_w, h_l, beta=0.2, divergence=divergence,
+                                               alpha=alpha), rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/margins"], np.mean(0.2 * (h_w - h_l)), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/accuracies"], np.mean(h_w > h_l))
+
+
+def test_ipo_sft_and_nll_adapters():
+    policy = {"chosen": jnp.array([-6.0, -3.0]), "rejected": jnp.array([-5.0, -4.0])}
+    reference = {"chosen": jnp.array([-5.0, -5.0]), "rejected": jnp.array([-5.0, -5.0])}
+    batch = {"chosen_loss_mask": np.array([[0, 1, 1, 1], [0, 0, 1, 1]], bool)}  # 3 and 2 scored
+    loss, _ = make_objective(ObjectiveConfig(name="ipo", tau=0.25))(policy, reference, batch,
+                                                                    step=0, key=None)
+    np.testing.assert_allclose(loss, ipo_loss(jnp.array([-1.0, 2.0]), jnp.array([0.0, 1.0]),
+                                              tau=0.25))
+    sft = make_objective(ObjectiveConfig(name="sft"))
+    assert sft.roles == ("chosen",) and not sft.uses_reference
+    np.testing.assert_allclose(sft(policy, None, batch, step=0, key=None)[0], [2.0, 1.5])
+    with_nll = make_objective(ObjectiveConfig(name="dpo", beta=1.0, nll_weight=0.5))
+    loss, metrics = with_nll(policy, reference, batch, step=0, key=None)
+    plain = fdpo_loss(jnp.array([-1.0, 2.0]), jnp.array([0.0, 1.0]), beta=1.0)
+    np.testing.assert_allclose(loss, plain + 0.5 * np.array([2.0, 1.5]), rtol=1e-6)
+    np.testing.assert_allclose(metrics["nll"], 1.75)
+
+
+def test_objective_registry_errors():
+    with pytest.raises(ValueError, match="unknown objective 'nope'"):
+        make_objective(ObjectiveConfig(name="nope"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_objective("fdpo", OBJECTIVES["fdpo"])
+    with pytest.raises(ValueError, match="Theorem 1|total_variation"):
+        make_objective(ObjectiveConfig(divergence="total_variation"))
+
+
+def test_schedules():
+    warm = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="linear", warmup_steps=2,
+                                         total_steps=6))
+    np.testing.assert_allclose([warm(s) for s in range(7)], [0, 0.5, 1, 0.75, 0.5, 0.25, 0],
+                               atol=1e-6)
+    cosine = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="cosine", total_steps=4))
+    np.testing.assert_allclose([cosine(0), cosine(2), cosine(4)], [0, 0.5, 0], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule(OptimizerConfig(schedule="step"))
+
+
+# ------------------------------------------------------------------ the step
+
+def test_step_metrics_and_update(baseline):
+    state, metrics = baseline
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                 "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm", "lr",
+                 "num_tokens", "fdpo/f_prime_margin"):
+        assert np.isfinite(metrics[name]), name
+    np.testing.assert_allclose(metrics["loss"], np.log(2.0), rtol=1e-6)  # policy == reference
+    assert metrics["grad_norm"] > 0 and metrics["update_applied"] == 1
+    batch = first_batch()
+    assert metrics["num_tokens"] == batch["chosen_attention_mask"].sum() + batch[
+        "rejected_attention_mask"].sum()
+    assert int(state.step) == 1 and relative_error(state.params, MODEL[1]) > 1e-6
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+
+
+def test_grad_accumulation_matches_full_batch(baseline):
+    state, metrics = one_step(first_batch(), grad_accum_steps=2)
+    np.testing.assert_allclose(metrics["loss"], baseline[1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], baseline[1]["grad_norm"], rtol=1e-5)
+    assert relative_error(state.params, baseline[0].params) < 1e-5
+
+
+def test_remat_gives_the_same_update(baseline):
+    state, metrics = one_step(first_batch(), remat="dots")
+    np.testing.assert_allclose(metrics["grad_norm"], baseline[1]["grad_norm"], rtol=1e-5)
+    assert relative_error(state.params, baseline[0].params) < 1e-5
+
+
+def test_bf16_compute_keeps_float32_masters(baseline):
+    state, metrics = one_step(first_batch(), compute_dtype="bfloat16")
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+    np.testing.assert_allclose(metrics["loss"], baseline[1]["loss"], rtol=1e-2)
+    np.testing.assert_allclose(metrics["logps/chosen"], baseline[1]["logps/chosen"], rtol=2e-2)
+
+
+def test_cached_reference_logps_equal_the_frozen_reference(tmp_path, baseline, caplog):
+    graphdef, params, rest = MODEL
+    table = compute_reference_logps(graphdef, params, DATASET, ("chosen", "rejected"),
+                                    batch_size=BATCH, model_state=rest, chunk_size=32,
+                                    vocab_chunk_size=32)
+    assert table["chosen"].shape == (len(DATASET),) and np.isfinite(table["chosen"]).all()
+    batch = next(WithReferenceLogps(DATASET.batches(batch_size=BATCH, seed=0), table))
+    state, metrics = one_step(batch, reference_params=None)
+    np.testing.assert_allclose(metrics["loss"], baseline[1]["loss"], rtol=1e-6)
+    assert relative_error(state.params, baseline[0].params) < 1e-5
+
+    tokenizer = default_tokenizer()
+    kwargs = dict(batch_size=BATCH, model_state=rest, chunk_size=32, vocab_chunk_size=32)
+    roles = ("chosen", "rejected")
+    with caplog.at_level(logging.INFO, logger="alignax.training.reference"):
+        first = cached_reference_logps(tmp_path, graphdef, params, DATASET, tokenizer, roles, **kwargs)
+        again = cached_reference_logps(tmp_path, graphdef, params, DATASET, tokenizer, roles, **kwargs)
+    assert "cache hit" in caplog.text
+    np.testing.assert_array_equal(first["chosen"], again["chosen"])
+    np.testing.assert_allclose(first["chosen"], table["chosen"], rtol=1e-6)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    # new weights, new data or a new tokenizer -> a new key: the old cache is never used
+    cached_reference_logps(tmp_path, graphdef, jax.tree.map(lambda x: x * 1.01, params), DATASET,
+                           tokenizer, roles, **kwargs)
+    other_data = PreferenceDataset(examples(seed=1), format="standard", report=TruncationReport(),
+                                   pad_token_id=0, buckets=(LENGTH,), prompt_buckets=(PROMPT,),
+                                   group_sizes=None)
+    cached_reference_logps(tmp_path, graphdef, params, other_data, tokenizer, roles, **kwargs)
+    assert len(list(tmp_path.glob("*.npz"))) == 3
+    tokenizer.add_tokens(["<new>"])
+    assert tokenizer_hash(tokenizer) != tokenizer_hash(default_tokenizer())
+
+
+def test_non_finite_loss_keeps_last_good_state_and_stops_the_loop(tmp_path):
+    """Steps 1-2 train; a NaN reference makes step 3's loss NaN: the loop saves step 2 and raises."""
+    good = jax.tree.map(jnp.copy, MODEL[1])
+    nan = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), MODEL[1])
+
+    state, _ = fresh_state()
+    step = step_for("model")
+    calls = []
+
+    def flaky(state, batch, reference):
+        calls.append(1)
+        return step(state, batch, nan if len(calls) == 3 else reference)
+
+    batches = DATASET.batches(batch_size=BATCH, seed=0)
+    checkpointer = Checkpointer(tmp_path / "ckpt", config={"run": "nan"}, save_every=100)
+    logger = MetricsLogger(tmp_path)
+    with pytest.raises(NonFiniteLossError, match="step 3"):
+        train(flaky, state, batches, num_steps=5, mesh=MESH, reference_params=good,
+              checkpointer=checkpointer, logger=logger, progress=False)
+    logger.close()
+    restored, data_state, at = checkpointer.restore_latest(fresh_state()[0])
+    assert at == 2 and int(restored.step) == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and records[0]["tokens_per_sec"] > 0
+    assert list((tmp_path / "tensorboard").glob("events.*"))
+    plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png")
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    # the saved data position is the one before the failed batch: a resume replays batch 3
+    batches = DATASET.batches(batch_size=BATCH, seed=0)
+    expected = [next(batches) for _ in range(3)][-1]
+    resumed = DATASET.batches(batch_size=BATCH, seed=0)
+    resumed.set_state(data_state)
+    np.testing.assert_array_equal(next(resumed)["record_index"], expected["record_index"])
