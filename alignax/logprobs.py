@@ -116,8 +116,11 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets
     chunks; a custom VJP recomputes each block's softmax in the backward pass and accumulates
     d hidden and d unembedding in place, so the memory floor is the inputs, their gradients and
     one block. Values and gradients (w.r.t. `hidden` and `unembedding`) equal the naive path's
-    up to float32 summation order. A last chunk that does not divide the length is shifted to
-    end at the boundary, and its positions already covered by the previous chunk are masked.
+    up to float32 summation order. Where a chunk size does not divide B*T (or V), the last
+    chunk is shifted back to end at the boundary and the entries the previous chunk already
+    covered are masked out, which needs no padded copy of `hidden` or `unembedding`. Under an
+    explicit-sharding mesh (`jax.set_mesh`) the loops run in auto sharding mode and the result
+    keeps the batch sharding of `hidden`.
 
     Args:
       hidden: [B, T, D] final hidden states, any float dtype (each block is cast to float32).

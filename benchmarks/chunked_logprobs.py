@@ -54,6 +54,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab-chunk-size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after compilation")
     parser.add_argument("--variants", default="naive,chunked")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run the variants' processes at the same time, so that on a shared, "
+                             "busy machine both see the same contention (their time ratio is "
+                             "then the fair comparison); peak RSS stays per process")
     parser.add_argument("--worker", choices=("naive", "chunked"), default=None,
                         help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -76,9 +80,16 @@ def _worker(args: argparse.Namespace) -> dict:
     def make_inputs(key):
         k_h, k_w, k_y = jax.random.split(key, 3)
         hidden = jax.random.normal(k_h, (*shape, args.dim), jnp.float32)
-        unembedding = jax.random.normal(k_w, (args.dim, args.vocab), jnp.float32)
-        unembedding = unembedding / jnp.sqrt(args.dim)
         targets = jax.random.randint(k_y, shape, 0, args.vocab, jnp.int32)
+
+        # Row by row, so that making the unembedding takes no more memory than it holds (random
+        # bits and a rescaled copy of a [D, V] array would otherwise set the whole-process peak).
+        def set_row(d, unembedding):
+            row = jax.random.normal(jax.random.fold_in(k_w, d), (1, args.vocab), jnp.float32)
+            return jax.lax.dynamic_update_slice_in_dim(unembedding, row / args.dim**0.5, d, 0)
+
+        unembedding = jax.lax.fori_loop(0, args.dim, set_row,
+                                        jnp.zeros((args.dim, args.vocab), jnp.float32))
         return hidden, unembedding, targets, jnp.ones(shape, bool)
 
     hidden, unembedding, targets, mask = make_inputs(jax.random.key(0))
@@ -113,14 +124,32 @@ def _worker(args: argparse.Namespace) -> dict:
             "median_s": statistics.median(times), **summary}
 
 
-def _run_worker(args: argparse.Namespace, worker: str, *, tiny: bool = False) -> dict:
+def _start_worker(args: argparse.Namespace, worker: str, *, tiny: bool) -> subprocess.Popen:
     sizes = {"batch": 1, "length": 8, "dim": 8, "vocab": 64, "repeats": 1} if tiny else {}
     argv = [sys.executable, __file__, "--worker", worker] + [
         f"--{name.replace('_', '-')}={sizes.get(name, value)}" for name, value in vars(args).items()
-        if name not in ("worker", "variants")]
+        if name not in ("worker", "variants", "concurrent")]
     env = {**os.environ, "PYTHONPATH": f"{_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    done = subprocess.run(argv, env=env, check=True, stdout=subprocess.PIPE, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+
+
+def _result(process: subprocess.Popen) -> dict:
+    stdout, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"benchmark worker {process.args} failed ({process.returncode})")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _run_workers(args: argparse.Namespace) -> dict:
+    """{variant: measurements}, each variant and its tiny twin in its own fresh process."""
+    jobs = [(name, tiny) for name in args.variants.split(",") for tiny in (False, True)]
+    if args.concurrent:
+        started = [(job, _start_worker(args, job[0], tiny=job[1])) for job in jobs]
+        done = {job: _result(process) for job, process in started}
+    else:
+        done = {job: _result(_start_worker(args, job[0], tiny=job[1])) for job in jobs}
+    return {name: {**done[name, False], "runtime_rss": done[name, True]["peak_rss"]}
+            for name in args.variants.split(",")}
 
 
 def _floor_bytes(args: argparse.Namespace) -> dict:
@@ -143,14 +172,12 @@ def main(argv=None) -> None:
         return
     gib = 2.0**30
     load_before = _load()
-    results = {}
-    for name in args.variants.split(","):
-        results[name] = _run_worker(args, name)
-        results[name]["runtime_rss"] = _run_worker(args, name, tiny=True)["peak_rss"]
+    results = _run_workers(args)
     floor = _floor_bytes(args)
     print(f"B={args.batch} T={args.length} D={args.dim} V={args.vocab} "
           f"chunk_size={args.chunk_size} vocab_chunk_size={args.vocab_chunk_size} "
-          f"repeats={args.repeats}; load average before {load_before}, after {_load()}")
+          f"repeats={args.repeats} concurrent={args.concurrent}; "
+          f"load average before {load_before}, after {_load()}")
     print(f"analytic floor {floor['total'] / gib:.3f} GiB = "
           + " + ".join(f"{k} {v / gib:.3f}" for k, v in floor.items() if k != "total"))
     print(f"{'variant':<8} {'peak RSS':>9} {'runtime':>8} {'RSS-rt':>7} {'/floor':>7} "

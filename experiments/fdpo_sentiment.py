@@ -38,7 +38,7 @@ import matplotlib
 import numpy as np
 from flax import nnx
 
-from alignax.data import BatchIterator, default_tokenizer
+from alignax.data import BatchIterator, default_tokenizer, load_records
 from alignax.data.tokenizer import CORPUS_PATH
 from alignax.models import create, from_pretrained, generate, tiny_config
 from alignax.training.checkpoint import Checkpointer, export_hf
@@ -73,7 +73,9 @@ class Config:
     beta: float = 0.1
     model: str = "tiny"  # "tiny" (embedded) or an HF hub id / local directory
     tokenizer: str = "default"  # "default" (embedded) or an HF hub id / local directory
-    prompts: str = "corpus"  # "corpus" (embedded reviews) or a .txt file, one prompt per line
+    prompts: str = "corpus"  # "corpus" (embedded reviews), a .txt file (one per line) or a dataset
+    prompt_column: str = "text"  # dataset column to cut prompts from (hub id or local file)
+    prompt_words: int = 8  # words of each dataset text kept as the prompt
     mesh: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     compute_dtype: str = "float32"
     sft_steps: int = 150  # SFT of the embedded reference on the corpus (0 for a hub model)
@@ -125,9 +127,13 @@ def load_prompts(config: Config, rng: np.random.Generator) -> list[str]:
     if config.prompts == "corpus":
         lines = pathlib.Path(CORPUS_PATH).read_text().splitlines()
         found = sorted({m.group(1) for m in map(PROMPT_PATTERN.match, lines) if m})
-    else:
+    elif config.prompts.endswith(".txt"):
         found = sorted({line.strip() for line in pathlib.Path(config.prompts).read_text()
                         .splitlines() if line.strip()})
+    else:  # a hub dataset (e.g. stanfordnlp/imdb) or a local JSONL/Parquet/CSV file
+        records = load_records(config.prompts)
+        found = sorted({" ".join(str(r[config.prompt_column]).split()[:config.prompt_words])
+                        for r in records})
     need = config.num_prompts + config.eval_prompts
     if len(found) < need:
         raise ValueError(f"{config.prompts}: {len(found)} distinct prompts, need {need} "
@@ -156,12 +162,18 @@ def sequences(prompt_ids, prompt_mask, tokens, token_mask, role: str) -> dict[st
 
 
 class ArrayBatches(BatchIterator):
-    """A seeded, resumable iterator of batches over the rows of a dict of equal-length arrays."""
+    """A seeded, resumable iterator of batches over the rows of a dict of equal-length arrays.
+
+    With several processes each one reads its own strided shard of the rows and yields its
+    `batch_size / process_count` rows of every global batch (`global_batch` assembles them).
+    """
 
     def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, seed: int):
         self.arrays = arrays
         rows = len(next(iter(arrays.values())))
-        super().__init__(list(range(rows)), self._collate, batch_size=batch_size, seed=seed)
+        super().__init__(list(range(rows)), self._collate, seed=seed,
+                         batch_size=batch_size // jax.process_count(),
+                         shard_index=jax.process_index(), shard_count=jax.process_count())
 
     def _collate(self, indices):
         return {k: v[np.asarray(indices)] for k, v in self.arrays.items()}
@@ -197,7 +209,8 @@ def run_phase(config: Config, run: pathlib.Path, step, state, batches, *, num_st
     checkpointer = Checkpointer(run / "checkpoints", config=dataclasses.asdict(config),
                                 save_every=config.save_every, keep=config.keep_checkpoints,
                                 ignore_config_keys=("divergences", "export", "progress"))
-    restored = checkpointer.restore_latest(state)
+    ahead = (checkpointer.latest_step() or 0) > int(state.step)
+    restored = checkpointer.restore_latest(state) if ahead else None
     if restored is not None:
         state, data_state, at = restored
         batches.set_state(data_state)
@@ -312,7 +325,9 @@ def train_divergence(config: Config, name: str, graphdef, rest, reference_params
         done[end] = evaluate(state.params, end)
         with evals_path.open("a") as f:
             f.write(json.dumps(done[end]) + "\n")
-    if config.export:
+    if config.export:  # restores the final checkpoint when every segment was already done
+        state = run_phase(config, run, step, state, batches, num_steps=config.train_steps,
+                          reference=reference_params, description=f"f-DPO {name}")
         export_hf(graphdef, state.params, run / "hf", model_state=rest)
     final = read_metrics(run / "metrics.jsonl")[-1]
     records = [done[s] for s in sorted(done)]
@@ -365,6 +380,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     initialize_distributed()
     mesh = make_mesh(config.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for field in ("batch_size", "sft_batch_size"):
+        if getattr(config, field) % shards:
+            raise ValueError(f"{field}={getattr(config, field)} is not divisible by the "
+                             f"data x fsdp mesh size {shards} (mesh {dict(mesh.shape)})")
     tokenizer = default_tokenizer() if config.tokenizer == "default" else _hub_tokenizer(config)
     rng = np.random.default_rng(config.seed)
     if config.model == "tiny":

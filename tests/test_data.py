@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import datasets
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -134,6 +135,14 @@ def test_ultrafeedback_conversations_use_the_chat_template(tmp_path, suffix):
         assert _decode(batch["rejected_input_ids"][j], batch["rejected_loss_mask"][j]) == bad + "<|eos|>"
 
 
+def test_tokenizer_from_a_saved_directory(tmp_path):
+    TOK.save_pretrained(tmp_path / "tok")
+    a = prepare_dataset(UF, str(tmp_path / "tok"), max_length=64)
+    b = prepare_dataset(UF, TOK, max_length=64)
+    for x, y in zip(a.collate(a.examples).values(), b.collate(b.examples).values()):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_trl_conversational_with_explicit_prompt_matches_implicit_prompt():
     explicit = [{"prompt": r["chosen"][:1], "chosen": r["chosen"][1:], "rejected": r["rejected"][1:]}
                 for r in UF]
@@ -232,6 +241,8 @@ def test_malformed_record_names_index_and_field(bad, format, message):
 def test_auto_detection_and_unknown_columns():
     with pytest.raises(ValueError, match="cannot detect the record format"):
         prepare_dataset([{"text": "x"}], TOK)
+    with pytest.raises(ValueError, match="pass one split"):
+        prepare_dataset(datasets.DatasetDict({"train": datasets.Dataset.from_list(TRL)}), TOK)
     with pytest.raises(ValueError, match="'chosen' must be a string"):
         parse_record({"prompt": "p", "chosen": 1, "rejected": "r"}, 0, format="standard")
 

@@ -1,7 +1,7 @@
 """alignax.models.generate: greedy parity with HF generate, EOS, padding, sampling filters.
 
-All llama tests use one prompt shape ([8, 6] -> 7 new tokens) so `generate` compiles once per
-static setting (filters on/off, EOS ids); temperature, top-k, top-p and the key are traced.
+All llama tests use one prompt shape ([8, 6] -> 7 new tokens), so `generate` compiles once for
+them: temperature, top-k, top-p, one EOS id (or none) and the key are traced values.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
                                                      TopPLogitsWarper)
 
 import alignax.models as am
-from alignax.models.generate import filter_logits
-from test_models_support import VOCAB, checkpoints  # noqa: F401
+from alignax.models.generate import _generate, filter_logits
+from test_models_support import VOCAB, checkpoints, hf_logits  # noqa: F401
 
 NEW = 7
 
@@ -91,28 +91,33 @@ def test_sampling_is_a_function_of_the_key(checkpoints):
     assert (draw[0] != draw[2]).any()
 
 
-def test_top_k_1_and_tiny_top_p_are_greedy(checkpoints):
+def test_top_k_1_and_tiny_top_p_are_greedy_without_recompiling(checkpoints):
     model = checkpoints("llama_gqa")[2]
     ids, mask = left_padded_prompts(seed=1)
     greedy, _ = am.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=NEW,
                             temperature=0.0)
-    for top_k, top_p in [(1, 1.0), (VOCAB, 1e-6)]:
+    compiled = _generate._cache_size()
+    for top_k, top_p in [(1, None), (None, 1e-6), (VOCAB, 1e-6)]:
         tokens, _ = am.generate(model, ids, mask, key=jax.random.key(5), max_new_tokens=NEW,
-                                temperature=2.0, top_k=top_k, top_p=top_p)
+                                temperature=2.0, top_k=top_k, top_p=top_p, eos_token_id=VOCAB)
         np.testing.assert_array_equal(tokens, greedy)
+    assert _generate._cache_size() == compiled  # sampling settings are traced values
 
 
 def test_first_token_frequencies_match_the_filtered_distribution(checkpoints):
-    """800 first tokens (100 keys x 8 copies of one prompt) vs softmax(filter(logits / T))."""
-    model = checkpoints("llama_gqa")[2]
+    """400 first tokens (50 keys x 8 copies of one prompt) vs the distribution HF's warpers
+    give on HF's logits: softmax(top_p(top_k(logits / T)))."""
+    hf, _, model = checkpoints("llama_gqa")
     ids, mask = left_padded_prompts(seed=1)
     ids, mask = np.repeat(ids[5:6], 8, 0), np.repeat(mask[5:6], 8, 0)  # a full 6-token prompt
-    settings = dict(temperature=1.5, top_k=20, top_p=0.8)
     first = np.concatenate([
         np.asarray(am.generate(model, ids, mask, key=jax.random.key(k), max_new_tokens=NEW,
-                               **settings)[0][:, 0]) for k in range(100)])
-    logits = model(ids[:1], mask[:1])[:, -1]  # [1, V]
-    probs = np.asarray(jax.nn.softmax(filter_logits(logits, **settings)))[0]
+                               temperature=1.5, top_k=20, top_p=0.8)[0][:, 0])
+        for k in range(50)])
+    scores = torch.as_tensor(hf_logits(hf, ids[:1], mask[:1])[:, -1])  # [1, V]
+    for warper in (TemperatureLogitsWarper(1.5), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
+        scores = warper(None, scores)
+    probs = torch.softmax(scores, -1)[0].double().numpy()
     freq = np.bincount(first, minlength=VOCAB) / first.size
     assert (freq[probs == 0] == 0).all()  # filtered tokens are never drawn
     assert (probs > 0).sum() >= 3  # the check is not vacuous

@@ -191,7 +191,9 @@ def test_vmap_of_gradients_equals_a_loop():
 def test_sharded_equals_unsharded_under_an_explicit_mesh():
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     hidden, unembedding, targets, mask, weights = random_inputs(13)
-    hidden, targets, mask = (np.concatenate([x, x[:1]]) for x in (hidden, targets, mask))  # B=4
+    # Shardable sizes: B = 4 over ("data", "fsdp"), D = 6 over "fsdp", V = 12 over "tensor".
+    hidden, targets, mask = (np.concatenate([x, x[:1]]) for x in (hidden, targets, mask))
+    unembedding = np.concatenate([unembedding, unembedding[:, :1]], axis=1)
     f = jax.jit(jax.value_and_grad(
         lambda h, w, y, m: jnp.sum(chunked_sequence_logprobs(h, w, y, m, chunk_size=8,
                                                              vocab_chunk_size=4)),

@@ -23,8 +23,11 @@ def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("ALIGNAX_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # One CPU device in the kernel: the notebooks are single-host studies.
-    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "").replace(
-        "--xla_force_host_platform_device_count=8", ""))
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    if flags.strip():
+        monkeypatch.setenv("XLA_FLAGS", flags.strip())
+    else:  # XLA reads a value without "--" as a file name and aborts
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
     notebook = jupytext.read(path)
     client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})

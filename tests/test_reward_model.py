@@ -22,6 +22,9 @@ IDS = _rng.integers(1, V, size=(B, T)).astype(np.int32)  # 0 is the pad id, neve
 RIGHT_MASK = (np.arange(T)[None] < LENGTHS[:, None]).astype(np.int32)
 RIGHT_IDS = np.where(RIGHT_MASK == 1, IDS, 0)
 score = nnx.jit(lambda model, ids, mask: model(ids, mask))
+# the training mesh (alignax.training.mesh.make_mesh): Auto axes, shardings set at jit boundaries
+MESH = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                     axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def _left(ids, mask):
@@ -49,6 +52,8 @@ def _hf_checkpoint(tmp_path, family, num_labels, **overrides):
 @pytest.mark.parametrize("family, num_labels, overrides", [
     ("llama", 1, {}),                          # GQA (4 heads, 2 KV heads), untied
     ("qwen2", 3, {"tie_word_embeddings": True}),  # q/k/v biases, 3 heads
+    ("gpt2", 1, {}),                           # learned positions, "transformer." keys
+    ("gpt_neox", 2, {}),                       # partial rotary, parallel residual, 2 heads
 ])
 def test_parity_with_hf_sequence_classification(tmp_path, family, num_labels, overrides):
     expected = _hf_checkpoint(tmp_path, family, num_labels, **overrides)
@@ -111,10 +116,19 @@ def test_ensemble_members_are_independent_reward_models(ensemble):
     assert all(g.shape[0] == 3 for g in leaves)  # stacked [M, ...] parameters
 
 
+def test_mesh_loading_places_shards(tmp_path):
+    _hf_checkpoint(tmp_path, "llama", 1)
+    sharded, plain = load_reward_model(tmp_path, mesh=MESH), load_reward_model(tmp_path)
+    kernel = sharded.backbone.layers[0].mlp.down_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(sharded), nnx.state(plain))
+    np.testing.assert_allclose(score(sharded, RIGHT_IDS, RIGHT_MASK),
+                               score(plain, RIGHT_IDS, RIGHT_MASK), atol=1e-5)
+
+
 def test_mesh_creation_shards_the_same_values():
     config = tiny_config("llama", vocab_size=V)
-    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
-    sharded = create_reward_model(config, rngs=nnx.Rngs(1), mesh=mesh)
+    sharded = create_reward_model(config, rngs=nnx.Rngs(1), mesh=MESH)
     plain = create_reward_model(config, rngs=nnx.Rngs(1))
     kernel = sharded.backbone.layers[0].self_attn.q_proj.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -122,3 +136,10 @@ def test_mesh_creation_shards_the_same_values():
     # same draws; the jitted (sharded) init may round the normal sampler's last bit differently
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
                  nnx.state(sharded), nnx.state(plain))
+
+
+def test_causal_lm_checkpoint_is_not_a_reward_model(tmp_path):
+    config = tiny_config("llama", vocab_size=V)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="score.weight"):
+        load_reward_model(tmp_path)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignax.divergences import get_divergence
+from alignax.divergences import f_divergence, get_divergence
 from alignax.metrics.calibration import ece_difference_bounds, stochastic_ece
 from alignax.toy import bandit
 
@@ -315,3 +315,13 @@ def test_pinsker_and_jensen_shannon_inequalities_float64(seed, sharpness):
     js = 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
     assert tv <= np.sqrt(kl / 2.0) + 1e-12
     assert tv <= np.sqrt(2.0 * js) + 1e-12
+
+
+def test_table_2_1_jsd_is_twice_jensen_shannon():
+    """The f-divergence "jsd" of Table 2.1 is KL(p||m) + KL(q||m) = 2 JS (ece_difference_bounds
+    states Remark 1 with the usual JS)."""
+    p1, p2, _ = _random_pairs(jax.random.key(1), contexts=8, closeness=1.0)
+    mid = 0.5 * (p1 + p2)
+    js = 0.5 * jnp.sum(p1 * jnp.log(p1 / mid) + p2 * jnp.log(p2 / mid), axis=-1)
+    table = f_divergence("jsd", jnp.log(p1), jnp.log(p2))
+    np.testing.assert_allclose(np.asarray(table), 2.0 * np.asarray(js), rtol=1e-4, atol=1e-7)

@@ -19,6 +19,7 @@ from alignax.data.tokenize import TokenizedExample
 from alignax.data.tokenize import TruncationReport
 from alignax.data.tokenize import tokenize_records
 from alignax.data.tokenizer import default_tokenizer
+from alignax.data import bins  # noqa: F401  (spurious-variable bins, thesis §4.10-4.12)
 
 __all__ = [
     "BatchIterator",

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
+import transformers
 
 from alignax.data.batching import bucket_lengths, collate
 from alignax.data.iterator import BatchIterator
@@ -66,7 +67,8 @@ class PreferenceDataset(Sequence[TokenizedExample]):
                              shard_count=shard_count, read_options=read_options)
 
 
-def prepare_dataset(data: str | os.PathLike | Iterable[Mapping[str, Any]], tokenizer=None, *,
+def prepare_dataset(data: str | os.PathLike | Iterable[Mapping[str, Any]],
+                    tokenizer: Any = None, *,
                     format: str = "auto", max_length: int = 512,
                     max_prompt_length: int | None = None, split: str = "train",
                     reward_columns: tuple[str, str] | None = None, bin_column: str | None = None,
@@ -78,7 +80,8 @@ def prepare_dataset(data: str | os.PathLike | Iterable[Mapping[str, Any]], token
     Args:
       data: a `datasets.Dataset`, a list of record dicts, or a source for
         `alignax.data.load_records` (local file/dir or hub id; `split` selects the split).
-      tokenizer: a transformers tokenizer; None uses `alignax.data.default_tokenizer()`.
+      tokenizer: a transformers tokenizer, a local tokenizer directory or hub id (loaded with
+        `AutoTokenizer`), or None for `alignax.data.default_tokenizer()`.
       format: one of "standard", "conversational", "hh", "grouped", "unlabeled", or "auto" to
         detect it from the first record.
       max_length: the most tokens of prompt + response.
@@ -100,7 +103,13 @@ def prepare_dataset(data: str | os.PathLike | Iterable[Mapping[str, Any]], token
         raise ValueError(f"errors must be 'raise' or 'drop', got {errors!r}")
     if isinstance(data, (str, os.PathLike)):
         data = load_records(data, split=split)
-    tokenizer = default_tokenizer() if tokenizer is None else tokenizer
+    if isinstance(data, Mapping):  # e.g. a datasets.DatasetDict
+        raise ValueError(f"pass one split of the dataset (e.g. data[{split!r}]), not a mapping "
+                         f"with keys {sorted(data)}")
+    if tokenizer is None:
+        tokenizer = default_tokenizer()
+    elif isinstance(tokenizer, (str, os.PathLike)):  # a local directory or a hub id
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its "
                          "eos token) first")

@@ -27,9 +27,9 @@ def load_records(source: str | os.PathLike, *, split: str = "train",
       RuntimeError: a hub dataset that cannot be fetched (offline, unknown id), chained to the
         `datasets` error.
 
-    >>> load_records("no/such-file.txt")
+    >>> load_records("no/such-file.jsonl")
     Traceback (most recent call last):
-    ValueError: ...
+    ValueError: no such file: 'no/such-file.jsonl'
     """
     path = pathlib.Path(source)
     if path.suffix in _BUILDERS or path.is_file():

@@ -192,8 +192,8 @@ def ece_difference_bounds(probs_1: jax.Array, probs_2: jax.Array, true_probs: ja
         "kl_12" = 4 E sqrt(KL(pi_1||pi_2)/2), "kl_21" = 4 E sqrt(KL(pi_2||pi_1)/2).
       - JS (Remark 1): with JS = (KL(p||m) + KL(q||m))/2, m = (p+q)/2 (nats, <= log 2), Pinsker
         on both terms and delta(p, m) = delta(p, q)/2 give JS >= delta^2/2, i.e.
-        delta <= sqrt(2 JS) (JS lower bounds via Pinsker: Corander, Remes & Koski, Kybernetika
-        57(6), 2021; Sason & Verdu, IEEE T-IT 2016, give the tight psi). "jsd" = 4 E sqrt(2 JS).
+        delta <= sqrt(2 JS) (JS bounds via Pinsker: Corander, Remes & Koski, Kybernetika 57(6),
+        2021; the thesis cites Sason & Verdu, IEEE T-IT 2016, for psi_f). "jsd" = 4 E sqrt(2 JS).
         The Table 2.1 f-divergence "jsd" equals 2 JS, so this is also 4 E sqrt(D_f^jsd).
 
     Args:

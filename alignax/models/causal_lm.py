@@ -66,7 +66,9 @@ class CausalLM(nnx.Module):
         if positions.shape != input_ids.shape:
             raise ValueError(f"positions shape {positions.shape} != input_ids shape "
                              f"{input_ids.shape}")
-        return attention_mask, positions.astype(jnp.int32)
+        # Pad ids never reach the embedding (any pad value, even out of vocabulary, is inert).
+        input_ids = jnp.where(attention_mask, input_ids, 0)
+        return input_ids, attention_mask, positions.astype(jnp.int32)
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                       positions: jax.Array | None = None) -> jax.Array:
@@ -75,7 +77,7 @@ class CausalLM(nnx.Module):
         `logits == hidden_states(...) @ unembedding()`; the trainer feeds these two to
         `alignax.logprobs.chunked_sequence_logprobs` to avoid materialising [B, T, V].
         """
-        mask, positions = self._inputs(input_ids, attention_mask, positions)
+        input_ids, mask, positions = self._inputs(input_ids, attention_mask, positions)
         full = make_mask(self.arch, positions, positions, mask)  # [B, T, T]
         hidden, _ = self._body(input_ids, positions, full, None, None)
         return hidden
@@ -110,16 +112,13 @@ class CausalLM(nnx.Module):
         Returns:
           (logits [B, T, V] float32, the updated cache).
         """
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, bool)
+        input_ids, attention_mask, positions = self._inputs(input_ids, attention_mask, positions)
         start = (0, cache.index)
-        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask.astype(bool), start)
-        key_positions = jax.lax.dynamic_update_slice(cache.positions,
-                                                     positions.astype(jnp.int32), start)
+        valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, start)
+        key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, start)
         mask = make_mask(self.arch, positions, key_positions, valid, cache.index)
         layers = tuple(zip(cache.keys, cache.values))
-        hidden, layers = self._body(input_ids, positions.astype(jnp.int32), mask, layers,
-                                    cache.index)
+        hidden, layers = self._body(input_ids, positions, mask, layers, cache.index)
         cache = dataclasses.replace(
             cache, keys=tuple(kv[0] for kv in layers), values=tuple(kv[1] for kv in layers),
             valid=valid, positions=key_positions, index=cache.index + input_ids.shape[1])

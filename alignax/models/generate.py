@@ -88,24 +88,23 @@ def generate(model: CausalLM, prompt_ids: jax.Array, prompt_mask: jax.Array, *, 
         empty = np.flatnonzero(~np.asarray(prompt_mask).astype(bool).any(-1))
         if empty.size:
             raise ValueError(f"prompt rows {empty.tolist()} have no real token (all padding)")
-    eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).astype(int).tolist())
+    eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).astype(int).tolist()
+    sampling = (jnp.float32(temperature), jnp.int32(top_k or 0),
+                jnp.float32(1.0 if top_p is None else top_p),
+                jnp.asarray(eos or [-1], jnp.int32))  # -1: no token ever matches
     graphdef, state = nnx.split(model)
-    sampling = (jnp.float32(temperature), jnp.int32(0 if top_k is None else top_k),
-                jnp.float32(1.0 if top_p is None else top_p))
     return _generate(graphdef, state, prompt_ids.astype(jnp.int32), prompt_mask.astype(bool),
                      key, sampling, max_new_tokens=int(max_new_tokens),
-                     filters=(top_k is not None, top_p is not None), eos=eos,
                      pad_token_id=int(pad_token_id))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "filters", "eos",
-                                             "pad_token_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "pad_token_id"))
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, sampling, *, max_new_tokens,
-              filters, eos, pad_token_id):
-    """The jitted loop. `sampling` = (temperature, top_k, top_p) are traced, so changing their
-    values does not recompile; `filters` says which of top-k / top-p are on."""
+              pad_token_id):
+    """The jitted loop. `sampling` = (temperature, top_k (0: off), top_p (1: off), EOS ids [E])
+    is traced, so new values do not recompile (only a new number of EOS ids does)."""
     model: CausalLM = nnx.merge(graphdef, state)
-    temperature, top_k, top_p = sampling
+    temperature, top_k, top_p, eos = sampling
     b, p = prompt_ids.shape
     cache = model.init_cache(b, p + max_new_tokens)
     logits, cache = model.decode(prompt_ids, cache, attention_mask=prompt_mask,
@@ -113,12 +112,16 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, sampling, *, max_ne
     last = jnp.max(jnp.where(prompt_mask, jnp.arange(p), 0), axis=-1)  # [B] last real token
     logits = logits[jnp.arange(b), last]  # [B, V]
     position = prompt_mask.sum(-1).astype(jnp.int32)  # [B] position of the first new token
+    vocab = logits.shape[-1]
+    t = jnp.where(temperature > 0, temperature, 1.0)
 
     def sample(logits, i):
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        filtered = filter_logits(logits, temperature=jnp.where(temperature > 0, temperature, 1.0),
-                                 top_k=top_k if filters[0] else None,
-                                 top_p=top_p if filters[1] else None)
+        filtered = jax.lax.cond(  # the sort of top-k / top-p only runs when one is on
+            (top_k > 0) | (top_p < 1.0),
+            lambda x: filter_logits(x, temperature=t, top_k=jnp.where(top_k > 0, top_k, vocab),
+                                    top_p=top_p),
+            lambda x: x.astype(jnp.float32) / t, logits)
         sampled = jax.random.categorical(jax.random.fold_in(key, i), filtered)
         return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
 
@@ -131,8 +134,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, sampling, *, max_ne
         token = jnp.where(done, pad_token_id, sample(logits, i))  # [B]
         tokens = tokens.at[:, i].set(token)
         mask = mask.at[:, i].set(~done)
-        if eos:
-            done = done | jnp.isin(token, jnp.asarray(eos, jnp.int32))
+        done = done | jnp.isin(token, eos)
         step_logits, cache = model.decode(token[:, None], cache, positions=position[:, None])
         return i + 1, cache, step_logits[:, 0], position + 1, done, tokens, mask
 

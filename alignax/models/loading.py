@@ -33,7 +33,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors",
                  "*.safetensors.index.json"]
 # Buffers that older checkpoints store but that are recomputed, never learned.
-_IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|"
+_IGNORED_KEYS = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias|"
                            r"attention\.bias|attention\.masked_bias)$")
 
 

@@ -14,10 +14,9 @@ Face `*ForSequenceClassification` checkpoints (`score.weight` [E, D], no lm_head
 from __future__ import annotations
 
 import copy
-import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -29,10 +28,12 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from alignax.models.causal_lm import CausalLM, HFConfig
-from alignax.models.layers import param
-from alignax.models.partitioning import DEFAULT_RULES, Rules, state_shardings
-from alignax.models.registry import FAMILY_CLASSES, family_module
 from alignax.models.config import ModelConfig
+from alignax.models.layers import param
+from alignax.models.loading import SafetensorsReader, resolve_checkpoint
+from alignax.models.partitioning import (
+    DEFAULT_RULES, Rules, logical_to_mesh_sharding, state_shardings)
+from alignax.models.registry import FAMILY_CLASSES, family_module
 
 _SEQUENCE_CLASSIFICATION = {"llama": "LlamaForSequenceClassification",
                             "mistral": "MistralForSequenceClassification",
@@ -120,82 +121,59 @@ def create_reward_model(config: Any, *, rngs: nnx.Rngs, num_heads: int | None = 
     return nnx.merge(graphdef, init(key))
 
 
-def _reader(directory: pathlib.Path) -> Callable[[str], np.ndarray]:
-    """hf key -> np.ndarray from model.safetensors or a sharded model.safetensors.index.json."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {key: directory / name for key, name in weight_map.items()}
-    elif (directory / "model.safetensors").is_file():
-        files = None
-    else:
-        raise FileNotFoundError(f"{directory} holds neither model.safetensors nor "
-                                "model.safetensors.index.json")
-    cache: dict[pathlib.Path, dict[str, np.ndarray]] = {}
-
-    def read(key: str) -> np.ndarray:
-        path = files.get(key) if files is not None else directory / "model.safetensors"
-        if path is None:
-            raise KeyError(f"{key!r} is not in {directory}'s safetensors index")
-        if path not in cache:
-            cache[path] = safetensors.numpy.load_file(str(path))
-        if key not in cache[path]:
-            raise KeyError(f"{key!r} is missing from {path}")
-        return cache[path][key]
-
-    return read
-
-
-def _resolve(path_or_hub_id: str | os.PathLike) -> pathlib.Path:
-    path = pathlib.Path(path_or_hub_id)
-    if path.is_dir():
-        return path
-    import huggingface_hub
-
-    try:
-        return pathlib.Path(huggingface_hub.snapshot_download(
-            str(path_or_hub_id), allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as error:  # noqa: BLE001 (offline, unknown id, auth: one clear message)
-        raise RuntimeError(f"cannot load {str(path_or_hub_id)!r}: not a local directory and "
-                           f"not downloadable from the Hugging Face hub ({error})") from error
+def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Rules):
+    """Host array -> device array; on a mesh each device receives only its shard."""
+    if mesh is None:
+        return jnp.asarray(array)
+    axes = variable.get_metadata().get("out_sharding") or (None,) * array.ndim
+    sharding = logical_to_mesh_sharding(axes, mesh, rules, array.shape)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 def load_reward_model(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
                       param_dtype=jnp.float32, mesh: Mesh | None = None,
-                      rules: Rules = DEFAULT_RULES) -> RewardModel:
+                      rules: Rules = DEFAULT_RULES, revision: str | None = None) -> RewardModel:
     """Loads an HF `*ForSequenceClassification` checkpoint (safetensors only, no remote code).
 
     `num_labels == 1` gives a scalar-head model ([B] outputs); `num_labels = E > 1` gives E
     heads ([E, B]). Backbone weights come from the family's HF key map; the head from
-    `score.weight` [E, D] (stored transposed, [D, E]).
+    `score.weight` [E, D] (stored transposed, [D, E]). With a mesh, each parameter is placed
+    directly with its sharding.
+
+    Raises:
+      OSError / FileNotFoundError: as `alignax.models.from_pretrained`.
+      ValueError: a missing tensor, a shape mismatch, or checkpoint tensors the model does
+        not use (e.g. a causal LM's lm_head: load that with `from_pretrained` instead).
     """
-    directory = _resolve(path_or_hub_id)
+    directory = resolve_checkpoint(path_or_hub_id, revision=revision)
     config = transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     num_labels = int(getattr(config, "num_labels", 1))
     num_heads = None if num_labels == 1 else num_labels
-    read = _reader(directory)
+    reader = SafetensorsReader(directory)
     model = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0), num_heads=num_heads,
                                                dtype=dtype, param_dtype=param_dtype))
     graphdef, abstract = nnx.split(model)
-    backbone_cfg = model.backbone.arch
-    values = {("backbone", *path): w for path, w in
-              family_module(_backbone_config(config)).params_from_hf(backbone_cfg, read)}
-    values[("score",)] = read("score.weight").T  # [E, D] -> [D, E]
+    backbone = family_module(model.backbone.config).params_from_hf(
+        model.backbone.arch, reader, set(reader.keys()))
+    values = {("backbone", *path): w for path, w in backbone}
+    values[("score",)] = reader("score.weight").T  # [E, D] -> [D, E]
+    unused = reader.unused()
+    if unused:
+        raise ValueError(f"checkpoint tensors a reward model does not use: {unused[:8]} "
+                         f"({directory})")
     flat = nnx.to_flat_state(abstract)
-    missing = sorted(str(p) for p, _ in flat if p not in values)
+    missing = sorted(".".join(map(str, p)) for p, _ in flat if p not in values)
     if missing:
-        raise ValueError(f"no checkpoint weight for parameters {missing}")
+        raise ValueError(f"parameters not found in the checkpoint: {missing}")
     leaves = []
     for path, variable in flat:
         array = np.asarray(values[path])
         if array.shape != variable.shape:
-            raise ValueError(f"checkpoint weight for {path} has shape {array.shape}, the model "
-                             f"expects {variable.shape}")
-        leaves.append((path, variable.replace(jnp.asarray(array, dtype=variable.dtype))))
-    state = nnx.from_flat_state(leaves)
-    if mesh is not None:
-        state = jax.device_put(state, state_shardings(abstract, mesh, rules))
-    return nnx.merge(graphdef, state)
+            raise ValueError(f"parameter {'.'.join(map(str, path))}: checkpoint shape "
+                             f"{array.shape} != model shape {variable.shape} ({directory})")
+        leaves.append((path, variable.replace(
+            _place(array.astype(variable.dtype), variable, mesh, rules))))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
 def save_reward_model(model: RewardModel, path: str | os.PathLike) -> None:

@@ -8,6 +8,15 @@ from alignax.objectives.fdpo import fdpo_loss
 from alignax.objectives.fdpo import ipo_loss
 from alignax.objectives.fdpo import nll_loss
 
+# Multi-sample preference optimization (thesis ch. 3)
+from alignax.objectives.multisample import group_margin
+from alignax.objectives.multisample import group_nll_loss
+from alignax.objectives.multisample import mdpo_loss
+from alignax.objectives.multisample import mipo_loss
+from alignax.objectives.multisample import mipo_loss_with_metrics
+from alignax.objectives.diffusion import denoising_error
+from alignax.objectives.diffusion import diffusion_mdpo_loss
+
 # Causal reward models (thesis ch. 4)
 from alignax.objectives.reward import bradley_terry_loss
 from alignax.objectives.reward import reward_accuracy
@@ -30,6 +39,13 @@ __all__ = [
     "fdpo_loss",
     "ipo_loss",
     "nll_loss",
+    "group_margin",
+    "group_nll_loss",
+    "mdpo_loss",
+    "mipo_loss",
+    "mipo_loss_with_metrics",
+    "denoising_error",
+    "diffusion_mdpo_loss",
     "bradley_terry_loss",
     "reward_accuracy",
     "reward_centering_loss",

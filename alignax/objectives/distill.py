@@ -191,7 +191,8 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
     aux = {
         "member": jnp.argmin(member_losses).astype(jnp.int32),
         "member_losses": member_losses,
-        "per_example_member": jnp.where(mask, jnp.argmin(per_example, axis=0), -1).astype(jnp.int32),
+        "per_example_member": jnp.where(mask, jnp.argmin(per_example, axis=0),
+                                        -1).astype(jnp.int32),
         "distill": distill,
         "forward_kl": forward_kl,
     }
@@ -241,7 +242,8 @@ def pessimistic_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: fl
     if reference_h is None:
         penalty = -0.5 * (chosen_h + rejected_h)  # completions as pi_ref samples, 004 §5
     else:
-        if jnp.ndim(reference_h) not in (1, 2) or jnp.shape(reference_h)[0] != jnp.shape(chosen_h)[0]:
+        batch = jnp.shape(chosen_h)[0]
+        if jnp.ndim(reference_h) not in (1, 2) or jnp.shape(reference_h)[0] != batch:
             raise ValueError(f"reference_h must have shape [B] or [B, K] with B = "
                              f"{jnp.shape(chosen_h)[0]}, got {jnp.shape(reference_h)}")
         ref = as_float32(reference_h).reshape(jnp.shape(chosen_h)[0], -1)  # [B, K]

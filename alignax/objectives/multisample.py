@@ -30,6 +30,8 @@ The NLL/SFT regulariser (thesis §3.6.1, footnote 3) composes by addition:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -102,8 +104,12 @@ def _safe_masks(chosen_mask, rejected_mask):
     return empty, chosen_mask | empty[:, None], rejected_mask | empty[:, None]
 
 
-def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask):
-    """(mean_k f'(u_w,k) - mean_l f'(u_l,l) [B], empty [B]) on validated boolean masks."""
+def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=None):
+    """(mean_k f'(u_w,k) - mean_l f'(u_l,l) [B], zero_rows [B]) on validated boolean masks.
+
+    zero_rows marks examples whose mDPO loss is 0: an empty group, or (when `beta` is given)
+    a margin so large that -log sigmoid(beta margin) underflows to 0; their margin reads 0.
+    """
     empty, cm, rm = _safe_masks(chosen_mask, rejected_mask)
     if div.name in ("reverse_kl", "jsd"):
         means = []
@@ -121,6 +127,17 @@ def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask):
         total = jnp.sum(jnp.where(safe, jnp.exp(x - m[:, None]), 0.0), axis=-1)  # >= 1
         log_mean = m + jnp.log(total) - jnp.log(jnp.sum(safe, axis=-1).astype(jnp.float32))
         h_eff.append(-log_mean / a)  # log u_eff, [B]
+    if beta is not None:
+        # margin = (e^p - e^q)/a with p = -a h_eff_l, q = -a h_eff_w. Where beta * margin > 104,
+        # -log sigmoid(-beta margin) is exactly 0 in float32; the margin itself may overflow
+        # there (and 0 * inf = NaN in its gradient), so those rows are computed on zeros.
+        p_, q_ = -a * h_eff[1], -a * h_eff[0]
+        gap = jnp.abs(p_ - q_)
+        log_margin = jnp.maximum(p_, q_) + jnp.log(-jnp.expm1(-jnp.maximum(gap, 1e-30))) - jnp.log(a)
+        saturated = (p_ > q_) & (jnp.log(as_float32(beta)) + log_margin > math.log(104.0))
+        saturated = jax.lax.stop_gradient(saturated)
+        h_eff = [jnp.where(saturated, 0.0, h) for h in h_eff]
+        empty = empty | saturated
     return jnp.where(empty, 0.0, div.f_prime_difference(h_eff[0], h_eff[1])), empty
 
 
@@ -175,8 +192,8 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     check_positive("beta", beta)
     chosen_mask, rejected_mask = _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask)
     div = get_divergence(divergence, alpha=alpha)
-    margin, empty = _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask)
-    return jnp.where(empty, 0.0, jax.nn.softplus(-beta * margin))  # -log sigmoid(beta margin)
+    margin, zero = _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=beta)
+    return jnp.where(zero, 0.0, jax.nn.softplus(-beta * margin))  # -log sigmoid(beta margin)
 
 
 def _unscale(x, log_s):

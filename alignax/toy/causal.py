@@ -39,7 +39,8 @@ class ToyConfig:
 
     spurious: str = "flag"  # "flag" or "length"
     model: str = "linear"  # "linear" or "mlp"
-    num_bins: int = 2  # 2 for "flag"; M quantile bins for "length"
+    num_bins: int = 2  # 2 for "flag"; for "length" the largest M (the static one-hot width)
+    reduction: str = "mean"  # binned_mmd2 reduction: "mean" keeps lambda comparable across M
     correlation: float = 0.8  # P(Z favours the chosen response) in training
     quality_noise: float = 1.0  # std of the observation noise on q
     label_scale: float = 3.0  # Bradley-Terry scale of the true preference
@@ -97,6 +98,17 @@ def sample_pairs(key: jax.Array, cfg: ToyConfig, *, num_pairs: int, correlation)
             "chosen_z": z_w, "rejected_z": z_l, "chosen_q": q_w, "rejected_q": q_l}
 
 
+def quantile_edges(z: jax.Array, bins_used, cfg: ToyConfig) -> jax.Array:
+    """Quantile edges [cfg.num_bins - 1] giving `bins_used` (traced, <= num_bins) equal bins.
+
+    Edges past the first bins_used - 1 are +inf, so bins >= bins_used stay empty and drop out
+    of the binned MMD: one compilation serves every bin count (vmap over M).
+    """
+    j = jnp.arange(1, cfg.num_bins)
+    edges = jnp.quantile(z, jnp.clip(j / bins_used, 0.0, 1.0))
+    return jnp.where(j < bins_used, edges, jnp.inf)
+
+
 def spurious_bins(z: jax.Array, edges: jax.Array, cfg: ToyConfig) -> jax.Array:
     """Bin ids [N] int32: the flag itself, or quantile bins of length (edges [M - 1])."""
     if cfg.spurious == "flag":
@@ -127,7 +139,7 @@ def train_reward_model(key: jax.Array, train: dict, edges: jax.Array, cfg: ToyCo
 
     `conditional` is a traced 0/1 float choosing conditional (1) or unconditional (0) CRM.
     """
-    k_init, k_steps = jax.random.split(key)
+    k_init, k_perm = jax.random.split(key)
     params = init_reward_model(k_init, cfg)
     opt = optax.adam(cfg.learning_rate)
     bins_w = spurious_bins(train["chosen_z"], edges, cfg)
@@ -137,15 +149,16 @@ def train_reward_model(key: jax.Array, train: dict, edges: jax.Array, cfg: ToyCo
         rw, rl = reward(p, train["chosen_x"][idx]), reward(p, train["rejected_x"][idx])
         half = cfg.bandwidth_pairs
         bw = median_heuristic_bandwidth(jnp.concatenate([rw[:half], rl[:half]]))
-        kw = dict(lam=lam, num_bins=cfg.num_bins, bandwidth=bw)
+        kw = dict(lam=lam, num_bins=cfg.num_bins, bandwidth=bw, reduction=cfg.reduction)
         cond = causal_reward_loss(rw, rl, bins_w[idx], bins_l[idx], conditional=True, **kw)
         uncond = causal_reward_loss(rw, rl, bins_w[idx], bins_l[idx], conditional=False, **kw)
         return jnp.mean(jnp.where(conditional > 0.5, cond, uncond))
 
+    order = jax.random.permutation(k_perm, cfg.num_train)  # epochs walk one shuffled order
+
     def step(carry, t):
         p, s = carry
-        idx = jax.random.choice(jax.random.fold_in(k_steps, t), cfg.num_train,
-                                (cfg.batch_size,), replace=False)
+        idx = order[(t * cfg.batch_size + jnp.arange(cfg.batch_size)) % cfg.num_train]
         grads = jax.grad(loss_fn)(p, idx)
         updates, s = opt.update(grads, s, p)
         return (optax.apply_updates(p, updates), s), None
@@ -218,17 +231,18 @@ def evaluate_reward_model(params: dict, test: dict, key: jax.Array, cfg: ToyConf
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def run_study(key: jax.Array, lam, conditional, cfg: ToyConfig) -> dict:
+def run_study(key: jax.Array, lam, conditional, bins_used, cfg: ToyConfig) -> dict:
     """Sample train (correlation cfg.correlation) and shifted test (0.5) data, train, evaluate.
 
-    key, lam and conditional (0/1 float) are traced: vmap over them. Returns a dict of
-    scalars (and "rank_curve" [num_candidates]), plus the in-distribution train accuracy.
+    key, lam, conditional (0/1 float) and bins_used (the bin count M <= cfg.num_bins, used by
+    spurious="length") are traced: vmap over them. Returns a dict of scalars (and
+    "rank_curve" [num_candidates]), plus the in-distribution train accuracy.
     """
     k_train, k_test, k_fit, k_eval = jax.random.split(key, 4)
     train = sample_pairs(k_train, cfg, num_pairs=cfg.num_train, correlation=cfg.correlation)
     test = sample_pairs(k_test, cfg, num_pairs=cfg.num_test, correlation=0.5)
     pooled_z = jnp.concatenate([train["chosen_z"], train["rejected_z"]])
-    edges = jnp.quantile(pooled_z, jnp.arange(1, cfg.num_bins) / cfg.num_bins)  # [M - 1]
+    edges = quantile_edges(pooled_z, bins_used, cfg)  # [cfg.num_bins - 1]
     params = train_reward_model(k_fit, train, edges, cfg, lam=lam, conditional=conditional)
     out = evaluate_reward_model(params, test, k_eval, cfg)
     rw, rl = reward(params, train["chosen_x"]), reward(params, train["rejected_x"])
@@ -236,15 +250,22 @@ def run_study(key: jax.Array, lam, conditional, cfg: ToyConfig) -> dict:
     return out
 
 
-def sweep(cfg: ToyConfig, *, lams, seeds: int, key: jax.Array | None = None) -> dict:
-    """run_study over variants (unconditional, conditional) x lams x seeds: one compilation.
+def sweep(cfg: ToyConfig, *, lams, seeds: int, bin_counts=None,
+          key: jax.Array | None = None) -> dict:
+    """run_study over variants x bin counts x lams x seeds, in one compilation.
 
-    Returns each metric as an array [2, L, S] (rank_curve: [2, L, S, K]); variant 0 is
-    unconditional, 1 conditional; lam = 0 rows are the vanilla reward model.
+    Returns each metric as an array [2, B, L, S] (rank_curve: [2, B, L, S, K]); variant 0 is
+    unconditional CRM, 1 conditional CRM; lam = 0 entries are the vanilla reward model;
+    bin_counts defaults to (cfg.num_bins,) and each must be <= cfg.num_bins.
     """
     key = jax.random.key(0) if key is None else key
-    keys = jax.random.split(key, seeds)  # the same seeds for every variant and lambda
+    keys = jax.random.split(key, seeds)  # the same seeds for every variant, M and lambda
     lams = jnp.asarray(lams, jnp.float32)
-    f = lambda c, lam, k: run_study(k, lam, c, cfg)  # noqa: E731
-    f = jax.vmap(jax.vmap(jax.vmap(f, (None, None, 0)), (None, 0, None)), (0, None, None))
-    return jax.device_get(f(jnp.array([0.0, 1.0]), lams, keys))
+    bin_counts = jnp.asarray((cfg.num_bins,) if bin_counts is None else bin_counts, jnp.int32)
+    if int(jnp.max(bin_counts)) > cfg.num_bins:
+        raise ValueError(f"bin_counts {bin_counts.tolist()} exceed cfg.num_bins={cfg.num_bins}")
+    f = lambda c, m, lam, k: run_study(k, lam, c, m, cfg)  # noqa: E731
+    for axes in [(None, None, None, 0), (None, None, 0, None), (None, 0, None, None),
+                 (0, None, None, None)]:
+        f = jax.vmap(f, axes)
+    return jax.device_get(f(jnp.array([0.0, 1.0]), bin_counts, lams, keys))

@@ -1,4 +1,4 @@
-"""Finite-response toys for reward-model distillation (004): theory checks and the length-bias study.
+"""Finite-response toys for reward-model distillation (004): theory checks, length-bias study.
 
 Theory (one context, N responses, policies as logits [N]; all pure and vmappable):
 - `rlhf_optimum`, `population_distill_loss`, `fit_logits` (L-BFGS under lax.scan): Theorem 1.
@@ -20,6 +20,7 @@ Length-bias study (004 §4.1, Figure 2 and Figure C.1), one jittable function pe
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -210,25 +211,35 @@ class Preferences(NamedTuple):
 
 
 def make_world(key: jax.Array, *, num_prompts: int, num_responses: int, num_features: int,
-               length_weight: float = 0.5, ref_temperature: float = 1.0) -> World:
+               length_weight: float = 0.5, hidden_weight: float = 1.0,
+               ref_temperature: float = 1.0) -> World:
     """A finite-response summarisation analogue with a length-liking oracle.
 
-    Each response has `num_features - 1` quality features q ~ N(0, 1) and a length
-    L ~ Uniform{8, ..., 64}; l = standardised log L. The oracle is r* = u . q + length_weight * l
-    with u ~ N(0, I / (D - 1)), so it prefers longer responses at equal quality, like the
-    TL;DR oracle of 004 §4.1. pi_ref = softmax(N(0, ref_temperature^2)) per prompt,
-    independent of quality (an SFT policy that knows nothing of the reward).
+    Each response has `num_features - 1` observed quality features q ~ N(0, 1), as many hidden
+    ones z ~ N(0, 1) and a length L ~ Uniform{8, ..., 64}; l = standardised log L. The oracle
+    is r* = u . q + hidden_weight * v . z + length_weight * l with u, v ~ N(0, I / (D - 1)), so
+    it prefers longer responses at equal quality, like the TL;DR oracle of 004 §4.1. Policies
+    and reward models see only phi = (q, l): part of what the oracle rewards is out of their
+    reach, as for real reward models, so a length-biased D_rho can tilt what they learn about
+    length (with a fully observed oracle every D_rho is separable by the oracle itself and the
+    bias washes out). pi_ref = softmax(N(0, ref_temperature^2)) per prompt, independent of
+    quality (an SFT policy that knows nothing of the reward).
     """
-    k_q, k_len, k_u, k_ref = jax.random.split(key, 4)
-    shape = (num_prompts, num_responses)
-    quality = jax.random.normal(k_q, shape + (num_features - 1,))
-    lengths = jax.random.randint(k_len, shape, 8, 65)
+    # one normal draw and one integer draw, sliced (each random call site costs compile time)
+    k_normal, k_len = jax.random.split(key)
+    p, n, q = num_prompts, num_responses, num_features - 1
+    sizes = (p * n * q, p * n * q, p * n, q, q)  # quality, hidden, ref logits, u, v
+    noise = jax.random.normal(k_normal, (sum(sizes),))
+    parts = jnp.split(noise, list(itertools.accumulate(sizes))[:-1])
+    quality, hidden = parts[0].reshape(p, n, q), parts[1].reshape(p, n, q)
+    ref_logits = parts[2].reshape(p, n)
+    u, v = parts[3] / jnp.sqrt(float(q)), parts[4] / jnp.sqrt(float(q))
+    lengths = jax.random.randint(k_len, (p, n), 8, 65)
     log_len = jnp.log(lengths.astype(jnp.float32))
     std_len = (log_len - jnp.log(24.0)) / 0.6  # roughly zero-mean, unit-scale
-    u = jax.random.normal(k_u, (num_features - 1,)) / jnp.sqrt(num_features - 1.0)
-    oracle = quality @ u + length_weight * std_len
+    oracle = quality @ u + hidden_weight * (hidden @ v) + length_weight * std_len
     features = jnp.concatenate([quality, std_len[..., None]], axis=-1)  # [P, N, D]
-    ref_logprobs = jax.nn.log_softmax(ref_temperature * jax.random.normal(k_ref, shape), axis=-1)
+    ref_logprobs = jax.nn.log_softmax(ref_temperature * ref_logits, axis=-1)
     return World(features, lengths, oracle, ref_logprobs)
 
 
@@ -244,11 +255,13 @@ def sample_preferences(key: jax.Array, world: World, *, rho, num_pairs: int, tra
     If a class holds too few pool pairs, pairs are reused (it never happens at the notebook's
     sizes; `longer_chosen` lets the caller check the realised fraction).
     """
-    k_prompt, k_pair, k_long, k_short = jax.random.split(key, 4)
     pool = pool_factor * num_pairs
-    prompt = jax.random.randint(k_prompt, (pool,), 0, train_prompts)
-    logits = world.ref_logprobs[prompt]  # [pool, N]
-    pair = jax.random.categorical(k_pair, logits[:, None, :], shape=(pool, 2))  # [pool, 2]
+    num_responses = world.ref_logprobs.shape[-1]
+    # one uniform draw [pool, 3 + 2N], sliced: prompt, two orderings, Gumbel noise of two samples
+    uniform = jax.random.uniform(key, (pool, 3 + 2 * num_responses), minval=1e-7, maxval=1.0)
+    prompt = jnp.minimum((uniform[:, 0] * train_prompts).astype(jnp.int32), train_prompts - 1)
+    gumbel = -jnp.log(-jnp.log(uniform[:, 3:].reshape(pool, 2, num_responses)))
+    pair = jnp.argmax(world.ref_logprobs[prompt][:, None, :] + gumbel, axis=-1)  # [pool, 2]
     a, b = pair[:, 0], pair[:, 1]
     len_a, len_b = world.lengths[prompt, a], world.lengths[prompt, b]
     distinct = jnp.maximum(len_a, len_b) >= 1.1 * jnp.minimum(len_a, len_b)
@@ -256,11 +269,11 @@ def sample_preferences(key: jax.Array, world: World, *, rho, num_pairs: int, tra
     chosen, rejected = jnp.where(a_wins, a, b), jnp.where(a_wins, b, a)
     longer_chosen = world.lengths[prompt, chosen] > world.lengths[prompt, rejected]
 
-    def order(k, in_class):  # pool indices, members of the class first, in random order
-        return jnp.argsort(jax.random.uniform(k, (pool,)) + 2.0 * ~in_class)
+    def order(u, in_class):  # pool indices, members of the class first, in random order
+        return jnp.argsort(u + 2.0 * ~in_class)
 
-    long_order = order(k_long, distinct & longer_chosen)
-    short_order = order(k_short, distinct & ~longer_chosen)
+    long_order = order(uniform[:, 1], distinct & longer_chosen)
+    short_order = order(uniform[:, 2], distinct & ~longer_chosen)
     num_long = jnp.round(rho * num_pairs).astype(jnp.int32)
     slot = jnp.arange(num_pairs)
     idx = jnp.where(slot < num_long, long_order[slot],
@@ -294,13 +307,19 @@ def _scores(params: jax.Array, features: jax.Array) -> jax.Array:
     return features @ params
 
 
-def train_reward_models(key: jax.Array, world: World, prefs: Preferences, masks: jax.Array, *,
+def _ensemble_scores(params: jax.Array, features: jax.Array) -> jax.Array:
+    """Stacked linear reward models: params [E, D], features [..., D] -> [E, ...]."""
+    return jnp.einsum("ed,...d->e...", params, features)
+
+
+def train_reward_models(world: World, prefs: Preferences, masks: jax.Array, *,
                         num_steps: int, learning_rate: float = 0.05,
                         weight_decay: float = 1e-2) -> jax.Array:
     """Bradley-Terry reward models on the masked sub-datasets, stacked params [E, D].
 
     One optax step updates all E members at once (`jax.vmap` over the stacked parameters);
-    full-batch weighted BT loss plus weight_decay * |w|^2, Adam, lax.scan over num_steps.
+    full-batch weighted BT loss plus weight_decay * |w|^2 (strictly convex), Adam from w = 0,
+    lax.scan over num_steps. Member e depends only on masks[e].
     """
     phi_w = world.features[prefs.prompt, prefs.chosen]  # [n, D]
     phi_l = world.features[prefs.prompt, prefs.rejected]
@@ -320,14 +339,14 @@ def train_reward_models(key: jax.Array, world: World, prefs: Preferences, masks:
                                                         params)
         return (optax.apply_updates(params, updates), opt_state), None
 
-    params = 0.01 * jax.random.normal(key, (num_members, dim))
+    params = jnp.zeros((num_members, dim), jnp.float32)
     (params, _), _ = jax.lax.scan(step, (params, jax.vmap(optimizer.init)(params)), None,
                                   length=num_steps)
     return params
 
 
 def policy_logprobs(theta: jax.Array, world: World, prompts: jax.Array) -> jax.Array:
-    """log pi_theta(. | x) for pi_theta ∝ pi_ref exp(theta . phi): theta [D], prompts [M] -> [M, N]."""
+    """log pi_theta(. | x), pi_theta ∝ pi_ref exp(theta . phi); theta [D], prompts [M] -> [M, N]."""
     return jax.nn.log_softmax(world.ref_logprobs[prompts] + world.features[prompts] @ theta,
                               axis=-1)
 
@@ -362,7 +381,7 @@ def _objective(method: str, h_w, h_l, r_w, r_l, hyper: Hyper, gamma):
 def train_policy(method: str, key: jax.Array, world: World, prefs: Preferences,
                  reward_params: jax.Array, hyper: Hyper, *, num_steps: int, batch_size: int,
                  learning_rate: float = 0.05) -> jax.Array:
-    """Trains pi_theta ∝ pi_ref exp(theta . phi) on D_rho with one of `METHODS`; returns theta [D].
+    """Trains pi_theta ∝ pi_ref exp(theta . phi) on D_rho with one of `METHODS` -> theta [D].
 
     Mini-batches of `batch_size` pairs (drawn with fold_in(key, step)); the pessimistic min
     over reward models is taken per mini-batch (004 footnote 2) and gamma follows
@@ -382,8 +401,8 @@ def train_policy(method: str, key: jax.Array, world: World, prefs: Preferences,
         h = logp - world.ref_logprobs[prompts]
         rows = jnp.arange(idx.shape[0])
         h_w, h_l = h[rows, prefs.chosen[idx]], h[rows, prefs.rejected[idx]]
-        r_w = _scores(reward_params[:, None, :], world.features[prompts, prefs.chosen[idx]])
-        r_l = _scores(reward_params[:, None, :], world.features[prompts, prefs.rejected[idx]])
+        r_w = _ensemble_scores(reward_params, world.features[prompts, prefs.chosen[idx]])  # [E, b]
+        r_l = _ensemble_scores(reward_params, world.features[prompts, prefs.rejected[idx]])
         gamma = hyper.gamma_scale * schedule(step)
         return _objective(method, h_w, h_l, r_w, r_l, hyper, gamma)[0]
 
@@ -416,9 +435,8 @@ def best_member_per_example(theta: jax.Array, world: World, prefs: Preferences,
     rows = jnp.arange(prefs.prompt.shape[0])
     h = policy_logprobs(theta, world, prefs.prompt) - world.ref_logprobs[prefs.prompt]
     h_w, h_l = h[rows, prefs.chosen], h[rows, prefs.rejected]
-    members = reward_params[1:, None, :]
-    r_w = _scores(members, world.features[prefs.prompt, prefs.chosen])  # [B, n]
-    r_l = _scores(members, world.features[prefs.prompt, prefs.rejected])
+    r_w = _ensemble_scores(reward_params[1:], world.features[prefs.prompt, prefs.chosen])  # [B, n]
+    r_l = _ensemble_scores(reward_params[1:], world.features[prefs.prompt, prefs.rejected])
     _, aux = pessimistic_distill_loss(h_w, h_l, r_w, r_l, beta=beta, gamma=0.0)
     return aux["per_example_member"]
 
@@ -432,3 +450,60 @@ def bootstrap_interval(values: jax.Array, key: jax.Array, *, num_resamples: int 
     tail = (1.0 - level) / 2.0
     return (jnp.mean(values, -1), jnp.quantile(means, tail, axis=-1),
             jnp.quantile(means, 1.0 - tail, axis=-1))
+
+
+class StudyConfig(NamedTuple):
+    """Sizes of the length-bias study (static). Prompts [0, train) give D_rho; the next `val`
+    prompts select hyper-parameters; the rest are the test set of Figure 2."""
+
+    num_prompts: int = 96
+    train_prompts: int = 32
+    val_prompts: int = 32
+    num_responses: int = 16
+    num_features: int = 8
+    length_weight: float = 0.5
+    hidden_weight: float = 1.5
+    num_pairs: int = 256
+    reward_steps: int = 300
+    policy_steps: int = 400
+    batch_size: int = 32
+
+
+def prepare_study(key: jax.Array, rho, *, config: StudyConfig):
+    """World, D_rho and the reward models [1 + len(ENSEMBLE_BIASES), D] for one seed and rho.
+
+    Named key purposes: 0 world, 1 pairs (3 is the policy's, in `evaluate_method`). rho may be
+    traced (vmap over rho values).
+    """
+    k_world, k_pairs = (jax.random.fold_in(key, i) for i in range(2))
+    world = make_world(k_world, num_prompts=config.num_prompts,
+                       num_responses=config.num_responses, num_features=config.num_features,
+                       length_weight=config.length_weight, hidden_weight=config.hidden_weight)
+    prefs = sample_preferences(k_pairs, world, rho=rho, num_pairs=config.num_pairs,
+                               train_prompts=config.train_prompts)
+    masks = ensemble_masks(prefs.num_longer_chosen, config.num_pairs)
+    reward_params = train_reward_models(world, prefs, masks, num_steps=config.reward_steps)
+    return world, prefs, reward_params
+
+
+def evaluate_method(method: str, key: jax.Array, world: World, prefs: Preferences,
+                    reward_params: jax.Array, hypers: Hyper, *, config: StudyConfig):
+    """Trains `method` at every hyper-parameter setting (vmapped) and scores it.
+
+    Returns a dict of: "val", "test" [H] oracle advantages over pi_ref on the validation and
+    test prompts; "members" [H, n] the best-matching ensemble member per pair of D_rho
+    (Figure C.1; computed for every method, meaningful for e-DPO).
+    """
+    val = jnp.arange(config.train_prompts, config.train_prompts + config.val_prompts)
+    test = jnp.arange(config.train_prompts + config.val_prompts, config.num_prompts)
+    k_policy = jax.random.fold_in(key, 3)
+
+    def one(hyper):
+        theta = train_policy(method, k_policy, world, prefs, reward_params, hyper,
+                             num_steps=config.policy_steps, batch_size=config.batch_size)
+        return {"val": oracle_advantage(theta, world, val),
+                "test": oracle_advantage(theta, world, test),
+                "members": best_member_per_example(theta, world, prefs, reward_params,
+                                                   beta=hyper.beta)}
+
+    return jax.vmap(one)(hypers)

@@ -1,7 +1,7 @@
 """Toy studies of multi-sample preference optimization (thesis ch. 3), vmapped over seeds.
 
-* `estimator_draws` / `estimator_error_curve`: the mIPO mini-batch estimator of Proposition 1
-  against its plain (biased) version, on simulated groups (Figure 3.2, f(x) = x^2).
+* `estimator_error_curve`: the mIPO mini-batch estimator of Proposition 1 against its plain
+  (biased) version, on simulated groups (Figure 3.2, f(x) = x^2).
 * `sum_win_probability_*`: P(sum of k draws of X > sum of k draws of Y), exactly, for
   Remark 1 (Gaussian, same-scale Gamma, and finite discrete distributions).
 * `RngConfig` / `run_rng_task`: the random-number task of §3.6.1 with a tabular categorical
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,40 +26,23 @@ from scipy import special, stats
 
 from alignax.objectives.multisample import mdpo_loss, mipo_loss
 
-Sampler = Callable[[jax.Array, tuple], jax.Array]
-
-
 # --------------------------------------------------------------------------------------------
 # Proposition 1 / Figure 3.2: the unbiased mini-batch estimator
 # --------------------------------------------------------------------------------------------
 
-def estimator_draws(key: jax.Array, sample_p: Sampler, sample_q: Sampler, *, n: int, m: int,
-                    c: float, num_trials: int, f: Callable = lambda x: x):
-    """Draws of the Prop. 1 estimator and of its plain version over simulated groups.
+def standard_normal(u: jax.Array) -> jax.Array:
+    """N(0, 1) draws from uniforms u in [0, 1) by the inverse CDF (clipped away from 0 and 1).
 
-    Each trial draws x^p_1..n ~ p and x^q_1..m ~ q and evaluates, through `mipo_loss` with
-    h = f(x) and tau = 1/(2c) (so c > 0),
-      unbiased: (mean f(x^p) - mean f(x^q) - c)^2 - s_p^2/n - s_q^2/m
-      biased:   (mean f(x^p) - mean f(x^q) - c)^2.
-
-    Args:
-      sample_p, sample_q: (key, shape) -> samples.
-      n, m: group sizes (n, m >= 2).
-      c: > 0, the constant of Prop. 1.
-
-    Returns:
-      (unbiased [num_trials], biased [num_trials]) float32.
+    The toys draw all their randomness with one `jax.random.uniform` call per program and
+    transform it: each distinct PRNG call site costs seconds of XLA compile time on CPU.
     """
-    kp, kq = jax.random.split(key)
-    fp = f(sample_p(kp, (num_trials, n)))  # [T, n]
-    fq = f(sample_q(kq, (num_trials, m)))  # [T, m]
-    tau = 0.5 / c
-    return (mipo_loss(fp, fq, tau=tau, unbiased=True), mipo_loss(fp, fq, tau=tau, unbiased=False))
+    return jax.scipy.special.ndtri(jnp.clip(u, 1e-7, 1.0 - 1e-7))
 
 
-def normal_sampler(mean: float, std: float) -> Sampler:
-    """(key, shape) -> N(mean, std^2) samples."""
-    return lambda key, shape: mean + std * jax.random.normal(key, shape)
+def categorical_from_uniform(u: jax.Array, logits: jax.Array) -> jax.Array:
+    """Inverse-CDF categorical draws: u [...] in [0, 1), logits broadcastable to [..., N]."""
+    cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)  # [..., N]
+    return jnp.sum(cdf[..., :-1] <= u[..., None], axis=-1).astype(jnp.int32)
 
 
 FIGURE_3_2 = {"p": (1.0, 1.0), "q": (0.0, 1.0), "c": 0.5}
@@ -75,30 +57,40 @@ def figure_3_2_target() -> float:
 
 
 def estimator_error_curve(key: jax.Array, ks, *, num_trials: int) -> dict:
-    """Figure 3.2: bias, RMSE and mean |error| of both estimators against k (n = m = k).
+    """Figure 3.2: both mIPO estimators (Prop. 1) against the group size k = n = m.
+
+    Each trial draws max(ks) samples from p and from q; the estimate at k uses the first k of
+    them (common random numbers across k) through `mipo_loss` with h = x^2, tau = 1/(2c) and a
+    member mask, so every k runs in one compiled, vmapped program.
 
     Returns a dict of float64 NumPy arrays over `ks`: "k", "bias_unbiased", "bias_biased",
-    "rmse_unbiased", "rmse_biased", "mae_unbiased", "mae_biased", "se_bias_unbiased"
-    (standard error of the unbiased estimator's mean), and "target" (a float).
+    "rmse_unbiased", "rmse_biased", "mae_unbiased", "mae_biased", "se_unbiased" (standard
+    error of the unbiased estimator's mean), plus "target" (float), the exact l.
     """
-    target = figure_3_2_target()
     (mp, sp), (mq, sq), c = FIGURE_3_2["p"], FIGURE_3_2["q"], FIGURE_3_2["c"]
-    out = {name: [] for name in ("bias_unbiased", "bias_biased", "rmse_unbiased", "rmse_biased",
-                                 "mae_unbiased", "mae_biased", "se_bias_unbiased")}
-    for i, k in enumerate(ks):
-        unb, bia = estimator_draws(jax.random.fold_in(key, i), normal_sampler(mp, sp),
-                                   normal_sampler(mq, sq), n=k, m=k, c=c,
-                                   num_trials=num_trials, f=jnp.square)
-        unb, bia = np.asarray(unb, np.float64), np.asarray(bia, np.float64)
-        for name, v in (("unbiased", unb), ("biased", bia)):
-            out[f"bias_{name}"].append(v.mean() - target)
-            out[f"rmse_{name}"].append(math.sqrt(np.mean((v - target) ** 2)))
-            out[f"mae_{name}"].append(np.mean(np.abs(v - target)))
-        out["se_bias_unbiased"].append(unb.std(ddof=1) / math.sqrt(num_trials))
-    result = {name: np.asarray(v) for name, v in out.items()}
-    result["k"] = np.asarray(ks)
-    result["target"] = target
-    return result
+    kmax = max(ks)
+    if min(ks) < 2:
+        raise ValueError(f"the unbiased estimator needs k >= 2, got ks={tuple(ks)}")
+    z = standard_normal(jax.random.uniform(key, (2, num_trials, kmax)))  # [2, T, kmax]
+    fp, fq = jnp.square(mp + sp * z[0]), jnp.square(mq + sq * z[1])  # f(x) = x^2
+
+    @jax.jit
+    def curve(ks):
+        def at(k):
+            mask = jnp.broadcast_to(jnp.arange(kmax) < k, fp.shape)
+            kw = dict(tau=0.5 / c, chosen_mask=mask, rejected_mask=mask)
+            return mipo_loss(fp, fq, unbiased=True, **kw), mipo_loss(fp, fq, unbiased=False, **kw)
+        return jax.vmap(at)(ks)  # 2 x [len(ks), T]
+
+    unb, bia = (np.asarray(v, np.float64) for v in curve(jnp.asarray(ks)))
+    target = figure_3_2_target()
+    out = {"k": np.asarray(ks), "target": target}
+    for name, v in (("unbiased", unb), ("biased", bia)):
+        out[f"bias_{name}"] = v.mean(-1) - target
+        out[f"rmse_{name}"] = np.sqrt(np.mean((v - target) ** 2, -1))
+        out[f"mae_{name}"] = np.mean(np.abs(v - target), -1)
+    out["se_unbiased"] = unb.std(-1, ddof=1) / math.sqrt(num_trials)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,27 +238,25 @@ class RngConfig:
     learning_rate: float = 0.05
 
 
-def rng_reference(key: jax.Array, config: RngConfig) -> jax.Array:
-    """[P, N] reference logits, each prompt biased towards a random favourite number."""
-    kz, kf = jax.random.split(key)
-    z = config.noise_scale * jax.random.normal(kz, (config.num_prompts, config.num_numbers))
-    fav = jax.random.randint(kf, (config.num_prompts,), 0, config.num_numbers)
-    return z + config.favourite_logit * jax.nn.one_hot(fav, config.num_numbers)
+def rng_reference_and_data(key: jax.Array, config: RngConfig):
+    """(ref_logits [P, N], chosen [P, G, max_k], rejected [P, G, max_k]) of one seed.
 
-
-def rng_data(key: jax.Array, ref_logits: jax.Array, config: RngConfig):
-    """(chosen [P, G, max_k], rejected [P, G, max_k]) int32 groups of preference data."""
-    kw, kl = jax.random.split(key)
+    Reference: noise_scale * z + favourite_logit * onehot(favourite); chosen members are
+    uniform over the N numbers; rejected members are drawn from pi_ref.
+    """
     p, n, g, k = config.num_prompts, config.num_numbers, config.groups_per_prompt, config.max_k
-    chosen = jax.random.randint(kw, (p, g, k), 0, n)
-    rejected = jax.random.categorical(kl, ref_logits[:, None, None, :], shape=(p, g, k))
-    return chosen.astype(jnp.int32), rejected.astype(jnp.int32)
+    u = jax.random.uniform(key, (p * n + p + 2 * p * g * k,))  # every draw of this seed
+    z = standard_normal(u[:p * n]).reshape(p, n)
+    fav = jnp.minimum(jnp.floor(u[p * n:p * n + p] * n), n - 1).astype(jnp.int32)
+    ref = config.noise_scale * z + config.favourite_logit * jax.nn.one_hot(fav, n)
+    u_w, u_l = jnp.split(u[p * n + p:], 2)
+    chosen = jnp.minimum(jnp.floor(u_w * n), n - 1).astype(jnp.int32).reshape(p, g, k)
+    rejected = categorical_from_uniform(u_l.reshape(p, g, k), ref[:, None, None, :])
+    return ref, chosen, rejected
 
 
 def _rng_final_logits(key, config, objective, k):
-    k_ref, k_data = jax.random.split(key)
-    ref = rng_reference(k_ref, config)
-    chosen, rejected = rng_data(k_data, ref, config)
+    ref, chosen, rejected = rng_reference_and_data(key, config)
     return ref, _train_tabular(ref, chosen, rejected, objective, k, beta=config.beta,
                                tau=config.tau, nll_weight=config.nll_weight, steps=config.steps,
                                learning_rate=config.learning_rate)
@@ -359,12 +349,13 @@ class LabelNoiseConfig:
 
 
 def _label_noise_run(key, config, k, clean):
-    kr, ka, kb = jax.random.split(key, 3)
-    r = jax.random.normal(kr, (config.num_responses,))
+    n, shape = config.num_responses, (1, config.num_groups, config.max_k)
+    u = jax.random.uniform(key, (n + 2 * config.num_groups * config.max_k,))  # all draws
+    r = standard_normal(u[:n])
     la, lb = r / config.temp_strong, r / config.temp_weak
-    shape = (1, config.num_groups, config.max_k)
-    ya = jax.random.categorical(ka, la, shape=shape).astype(jnp.int32)  # strong model's groups
-    yb = jax.random.categorical(kb, lb, shape=shape).astype(jnp.int32)
+    u_a, u_b = jnp.split(u[n:], 2)
+    ya = categorical_from_uniform(u_a.reshape(shape), la)  # strong model's groups [1, G, K]
+    yb = categorical_from_uniform(u_b.reshape(shape), lb)  # weak model's groups
     member = jnp.arange(config.max_k) < k
     correct = (jnp.sum(jnp.where(member, r[ya], 0.0), -1)
                >= jnp.sum(jnp.where(member, r[yb], 0.0), -1))  # [1, G] oracle agrees

@@ -10,6 +10,7 @@ written under a different config is refused with an error that names the differi
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 from typing import Any
@@ -91,7 +92,7 @@ class Checkpointer:
     def __init__(self, directory: str | pathlib.Path, *, config: dict, save_every: int,
                  keep: int = 3, async_save: bool = True, ignore_config_keys: tuple[str, ...] = ()):
         self.directory = pathlib.Path(directory).absolute()
-        self.config = config
+        self.config = json.loads(json.dumps(config))  # as it reads back (tuples -> lists)
         self.ignore_config_keys = ignore_config_keys
         options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
                                                enable_async_checkpointing=async_save)
@@ -116,6 +117,10 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+    def latest_step(self) -> int | None:
+        """The newest step on disk (not checked for readability), or None."""
+        return self.manager.latest_step()
 
     def restore_latest(self, template: Any) -> tuple[Any, Any, int] | None:
         """(state, data_state, step) of the newest readable checkpoint, or None if there is none.

@@ -21,9 +21,10 @@ def make_mesh(shape: tuple[int, int, int] | None = None, *, devices=None) -> Mes
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all devices of all hosts).
 
     Args:
-      shape: (data, fsdp, tensor) sizes whose product is the device count; one entry may be
-        -1 to take the remaining devices. Default: all devices on "data".
-      devices: optional device list (e.g. `jax.devices()[:1]` for a single-device run).
+      shape: (data, fsdp, tensor) sizes; one entry may be -1 to take the remaining devices.
+        A product smaller than the device count uses the first devices (e.g. (1, 1, 1) for a
+        single-device run). Default: all devices on "data".
+      devices: optional device list.
 
     The axes are `AxisType.Auto`: shardings are given on the jit boundary (params, optimizer
     state, batch) and XLA propagates them through the model, so model code needs no sharding
@@ -37,11 +38,12 @@ def make_mesh(shape: tuple[int, int, int] | None = None, *, devices=None) -> Mes
         raise ValueError(f"at most one mesh axis may be -1, got {shape}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
-        shape = tuple(len(devices) // known if s == -1 else s for s in shape)
-    if math.prod(shape) != len(devices):
+        shape = tuple(len(devices) // known if s == -1 else s for s in shape)  # -1 -> the rest
+    if math.prod(shape) > len(devices) or min(shape) < 1:
         raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, "
                          f"have {len(devices)}")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices[:math.prod(shape)])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,299 @@
+"""mDPO / mIPO objectives (thesis §3.5): float64 references, masks, reductions, numerics."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from alignax.objectives import fdpo_loss, group_nll_loss, ipo_loss, mdpo_loss, mipo_loss
+from alignax.objectives import mipo_loss_with_metrics, nll_loss
+
+B, K, L = 6, 4, 3
+DIVERGENCES = (("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("alpha", 0.3))
+
+
+# ---------------------------------------------------------------- float64 NumPy references
+def _f_prime64(h, name, alpha):
+    h = np.asarray(h, np.float64)
+    if name == "reverse_kl":
+        return h + 1.0
+    if name == "forward_kl":
+        return -np.exp(-h)
+    if name == "jsd":
+        return np.log(2.0) - np.logaddexp(0.0, -h)
+    return (1.0 - np.exp(-alpha * h)) / alpha
+
+
+def _rows(h, mask):
+    return [np.asarray(h[b], np.float64)[np.asarray(mask[b], bool)] for b in range(h.shape[0])]
+
+
+def mdpo_ref(hw, hl, mw, ml, beta, name="reverse_kl", alpha=None):
+    out = []
+    for w, l in zip(_rows(hw, mw), _rows(hl, ml)):
+        if w.size == 0 or l.size == 0:
+            out.append(0.0)
+            continue
+        z = beta * (_f_prime64(w, name, alpha).mean() - _f_prime64(l, name, alpha).mean())
+        out.append(np.logaddexp(0.0, -z))
+    return np.asarray(out)
+
+
+def mipo_ref(hw, hl, mw, ml, tau, unbiased=True, name="reverse_kl", alpha=None):
+    out = []
+    for w, l in zip(_rows(hw, mw), _rows(hl, ml)):
+        if w.size == 0 or l.size == 0:
+            out.append(0.0)
+            continue
+        gw, gl = _f_prime64(w, name, alpha), _f_prime64(l, name, alpha)
+        value = (gw.mean() - gl.mean() - 0.5 / tau) ** 2
+        if unbiased:
+            value -= sum(g.var(ddof=1) / g.size for g in (gw, gl) if g.size >= 2)
+        out.append(value)
+    return np.asarray(out)
+
+
+def _data(seed, scale=3.0):
+    rng = np.random.default_rng(seed)
+    hw = rng.normal(0.0, scale, (B, K)).astype(np.float32)
+    hl = rng.normal(0.0, scale, (B, L)).astype(np.float32)
+    mw = rng.random((B, K)) < 0.7
+    ml = rng.random((B, L)) < 0.7
+    mw[:, 0] = ml[:, 0] = True  # every example non-empty here; empty rows tested separately
+    mw[1, :2] = True  # row 1 chosen group has >= 2 members; row 2 chosen has exactly one
+    mw[2, 1:] = False
+    return hw, hl, mw, ml
+
+
+_MDPO = {d: jax.jit(lambda hw, hl, mw, ml, d=d: mdpo_loss(
+    hw, hl, beta=0.7, chosen_mask=mw, rejected_mask=ml, divergence=d[0], alpha=d[1]))
+    for d in DIVERGENCES}
+_MIPO = {(d, u): jax.jit(lambda hw, hl, mw, ml, d=d, u=u: mipo_loss(
+    hw, hl, tau=0.4, unbiased=u, chosen_mask=mw, rejected_mask=ml, divergence=d[0], alpha=d[1]))
+    for d in DIVERGENCES for u in (True, False)}
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_mdpo_matches_float64_reference(div):
+    for seed in range(3):
+        hw, hl, mw, ml = _data(seed)
+        got = _MDPO[div](hw, hl, mw, ml)
+        assert got.dtype == jnp.float32 and got.shape == (B,)
+        np.testing.assert_allclose(got, mdpo_ref(hw, hl, mw, ml, 0.7, *div), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_mipo_matches_float64_reference(div, unbiased):
+    scale = 3.0 if div[0] in ("reverse_kl", "jsd") else 1.0
+    for seed in range(3):
+        hw, hl, mw, ml = _data(seed, scale)
+        got = _MIPO[(div, unbiased)](hw, hl, mw, ml)
+        want = mipo_ref(hw, hl, mw, ml, 0.4, unbiased, *div)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + np.abs(want).max()))
+
+
+def test_reverse_kl_is_the_thesis_formula():
+    """-log sigmoid(beta mean h_w - beta mean h_l) and (mean - mean - 1/(2 tau))^2 - s^2/K - ..."""
+    hw = np.array([[0.5, -1.0, 2.0]], np.float32)
+    hl = np.array([[1.0, -3.0]], np.float32)
+    z = 0.1 * (hw.mean() - hl.mean())
+    np.testing.assert_allclose(mdpo_loss(hw, hl, beta=0.1), [np.log1p(np.exp(-z))], rtol=1e-6)
+    want = (hw.mean() - hl.mean() - 1.0) ** 2 - hw.var(ddof=1) / 3 - hl.var(ddof=1) / 2
+    np.testing.assert_allclose(mipo_loss(hw, hl, tau=0.5), [want], rtol=1e-5)
+
+
+# ---------------------------------------------------------------- reductions to DPO / IPO
+@given(st.lists(st.floats(-50, 50), min_size=8, max_size=8))
+def test_single_member_groups_are_dpo_and_ipo(values):
+    v = np.asarray(values, np.float32).reshape(2, 4)
+    hw, hl = v[0], v[1]
+    for name, alpha in DIVERGENCES:
+        got = mdpo_loss(hw[:, None], hl[:, None], beta=0.3, divergence=name, alpha=alpha)
+        want = fdpo_loss(hw, hl, beta=0.3, divergence=name, alpha=alpha)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    got = mipo_loss(hw[:, None], hl[:, None], tau=0.25, unbiased=False)
+    np.testing.assert_allclose(got, ipo_loss(hw, hl, tau=0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_masked_singletons_equal_ipo_even_when_unbiased():
+    """A padded group with one valid member gets no correction: unbiased mIPO == IPO there."""
+    rng = np.random.default_rng(0)
+    hw, hl = rng.normal(size=(2, B, K)).astype(np.float32)
+    mask = np.zeros((B, K), bool)
+    mask[:, 0] = True
+    got, metrics = mipo_loss_with_metrics(hw, hl, tau=0.4, chosen_mask=mask, rejected_mask=mask)
+    np.testing.assert_allclose(got, ipo_loss(hw[:, 0], hl[:, 0], tau=0.4), rtol=1e-5)
+    assert int(metrics["num_uncorrected_groups"]) == 2 * B
+    assert int(metrics["num_empty_examples"]) == 0
+    assert float(metrics["mean_variance_correction"]) == 0.0
+
+
+def test_static_single_member_with_unbiased_raises():
+    with pytest.raises(ValueError, match=r"\(3, 1\)"):
+        mipo_loss(jnp.zeros((3, 1)), jnp.zeros((3, 4)), tau=1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        mipo_loss(jnp.zeros((3, 4)), jnp.zeros((3, 1)), tau=1.0, unbiased=True)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: mdpo_loss(jnp.zeros((3,)), jnp.zeros((3, 2)), beta=1.0),
+    lambda: mdpo_loss(jnp.zeros((3, 2)), jnp.zeros((4, 2)), beta=1.0),
+    lambda: mdpo_loss(jnp.zeros((3, 2)), jnp.zeros((3, 2)), beta=1.0, chosen_mask=jnp.ones((3, 3))),
+    lambda: mdpo_loss(jnp.zeros((3, 2)), jnp.zeros((3, 2)), beta=-1.0),
+    lambda: mipo_loss(jnp.zeros((3, 2)), jnp.zeros((3, 2)), tau=0.0),
+    lambda: mdpo_loss(jnp.zeros((3, 2)), jnp.zeros((3, 2)), beta=1.0, divergence="chi_squared"),
+])
+def test_bad_input_raises(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+# ---------------------------------------------------------------- masks, permutations, empties
+def _garbage(h, mask, fill):
+    return np.where(mask, h, np.float32(fill)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fill", [np.inf, -np.inf, np.nan, 1e30])
+def test_padded_members_affect_neither_value_nor_gradient(fill):
+    hw, hl, mw, ml = _data(5)
+    clean = (_garbage(hw, mw, 0.0), _garbage(hl, ml, 0.0))
+    dirty = (_garbage(hw, mw, fill), _garbage(hl, ml, fill))
+    for div in DIVERGENCES:
+        for fn in (_MDPO[div], _MIPO[(div, True)]):
+            np.testing.assert_array_equal(fn(*dirty, mw, ml), fn(*clean, mw, ml))
+            grads = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(*dirty)
+            clean_grads = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(*clean)
+            for g, cg, m in zip(grads, clean_grads, (mw, ml)):
+                assert np.all(np.isfinite(g))
+                assert np.all(np.asarray(g)[~m] == 0.0)
+                np.testing.assert_array_equal(g, cg)
+
+
+def test_masks_equal_slicing():
+    """A ragged row under a mask == the same row evaluated alone on its sliced members."""
+    hw, hl, mw, ml = _data(7)
+    for div in DIVERGENCES:
+        masked = np.asarray(_MDPO[div](hw, hl, mw, ml))
+        masked_ipo = np.asarray(_MIPO[(div, False)](hw, hl, mw, ml))
+        for b in range(B):
+            w, l = hw[b][mw[b]][None], hl[b][ml[b]][None]
+            alone = mdpo_loss(w, l, beta=0.7, divergence=div[0], alpha=div[1])
+            np.testing.assert_allclose(masked[b], alone[0], rtol=1e-6, atol=1e-7)
+            alone = mipo_loss(w, l, tau=0.4, unbiased=False, divergence=div[0], alpha=div[1])
+            np.testing.assert_allclose(masked_ipo[b], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_permutation_invariance_within_groups():
+    hw, hl, mw, ml = _data(11)
+    rng = np.random.default_rng(1)
+    pw = np.stack([rng.permutation(K) for _ in range(B)])
+    pl = np.stack([rng.permutation(L) for _ in range(B)])
+    perm = (np.take_along_axis(hw, pw, 1), np.take_along_axis(hl, pl, 1),
+            np.take_along_axis(mw, pw, 1), np.take_along_axis(ml, pl, 1))
+    for fn in list(_MDPO.values()) + list(_MIPO.values()):
+        np.testing.assert_allclose(fn(*perm), fn(hw, hl, mw, ml), rtol=2e-6, atol=1e-6)
+
+
+def test_empty_group_gives_zero_loss_and_gradient():
+    hw, hl, mw, ml = _data(3)
+    mw[0] = False  # example 0: empty chosen group
+    ml[4] = False  # example 4: empty rejected group
+    for div in DIVERGENCES:
+        for fn in (_MDPO[div], _MIPO[(div, True)]):
+            loss = np.asarray(fn(hw, hl, mw, ml))
+            assert loss[0] == 0.0 and loss[4] == 0.0
+            gw, gl = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(hw, hl)
+            assert np.all(np.asarray(gw)[[0, 4]] == 0) and np.all(np.asarray(gl)[[0, 4]] == 0)
+    _, metrics = mipo_loss_with_metrics(hw, hl, tau=0.4, chosen_mask=mw, rejected_mask=ml)
+    assert int(metrics["num_empty_examples"]) == 2
+    # row 2 has a single chosen member (see _data); rows 0 and 4 are empty and not counted
+    singles = sum(int(m.sum() == 1) for i, row in enumerate(zip(mw, ml)) if i not in (0, 4)
+                  for m in row)
+    assert int(metrics["num_uncorrected_groups"]) == singles >= 1
+
+
+# ---------------------------------------------------------------- jit / vmap / grad
+def test_vmap_equals_loop():
+    data = [_data(s) for s in range(3)]
+    stacked = [np.stack(x) for x in zip(*data)]
+    for fn in (_MDPO[DIVERGENCES[0]], _MIPO[(DIVERGENCES[0], True)]):
+        batched = jax.vmap(fn)(*stacked)
+        for i, d in enumerate(data):
+            np.testing.assert_allclose(batched[i], fn(*d), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_gradients_match_float64_finite_differences(div):
+    hw, hl, mw, ml = _data(2, scale=1.0)
+    eps = 1e-4
+    for fn, ref in ((_MDPO[div], lambda a, b: mdpo_ref(a, b, mw, ml, 0.7, *div).sum()),
+                    (_MIPO[(div, True)], lambda a, b: mipo_ref(a, b, mw, ml, 0.4, True, *div).sum())):
+        gw, gl = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(hw, hl)
+        for g, x, which in ((gw, hw.astype(np.float64), 0), (gl, hl.astype(np.float64), 1)):
+            num = np.zeros_like(x)
+            for idx in np.ndindex(x.shape):
+                up, dn = x.copy(), x.copy()
+                up[idx] += eps
+                dn[idx] -= eps
+                args_up = (up, hl.astype(np.float64)) if which == 0 else (hw.astype(np.float64), up)
+                args_dn = (dn, hl.astype(np.float64)) if which == 0 else (hw.astype(np.float64), dn)
+                num[idx] = (ref(*args_up) - ref(*args_dn)) / (2 * eps)
+            np.testing.assert_allclose(g, num, rtol=2e-3, atol=2e-4)
+
+
+# ---------------------------------------------------------------- numerics
+@given(st.sampled_from([80.0, -80.0, 200.0, -200.0, 1e4, -1e4, 1e30, -1e30]),
+       st.integers(0, 2**16))
+def test_no_nan_at_extreme_log_ratios(magnitude, seed):
+    rng = np.random.default_rng(seed)
+    hw = (magnitude * rng.choice([-1.0, 0.5, 1.0], (B, K))).astype(np.float32)
+    hl = (magnitude * rng.choice([-1.0, 0.25, 1.0], (B, L))).astype(np.float32)
+    _, _, mw, ml = _data(seed)
+    for (div, *_), fn in [(k, f) for k, f in _MDPO.items()] + [(k[0], f) for k, f in _MIPO.items()]:
+        loss = np.asarray(fn(hw, hl, mw, ml))
+        assert not np.any(np.isnan(loss))
+        if fn in _MIPO.values() and div in ("forward_kl", "alpha") and abs(magnitude) > 80:
+            continue  # f'(u) = -u^-a/a itself overflows: mIPO's true gradient is not finite
+        gw, gl = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(hw, hl)
+        finite = np.isfinite(loss)
+        assert np.all(np.isfinite(np.asarray(gw)[finite])) and np.all(np.isfinite(np.asarray(gl)[finite]))
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    hw, hl, mw, ml = _data(4)
+    hw16, hl16 = jnp.asarray(hw, jnp.bfloat16), jnp.asarray(hl, jnp.bfloat16)
+    for fn in (_MDPO[DIVERGENCES[0]], _MIPO[(DIVERGENCES[0], True)]):
+        got = fn(hw16, hl16, mw, ml)
+        assert got.dtype == jnp.float32
+        want = fn(np.asarray(hw16, np.float32), np.asarray(hl16, np.float32), mw, ml)
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- NLL term (§3.6.1, fn. 3)
+def test_group_nll_composes():
+    rng = np.random.default_rng(0)
+    logps = -rng.random((B, K, 5)).astype(np.float32)
+    tok_mask = rng.random((B, K, 5)) < 0.8
+    _, _, mw, _ = _data(0)
+    got = group_nll_loss(logps, tok_mask, mw)
+    for b in range(B):
+        per = [nll_loss(logps[b, k][None], tok_mask[b, k][None])[0] for k in range(K) if mw[b, k]]
+        np.testing.assert_allclose(got[b], np.mean(per), rtol=1e-6)
+    hw, hl, mw, ml = _data(0)
+
+    def total(hw, logps):
+        return jnp.mean(mdpo_loss(hw, hl, beta=0.5, chosen_mask=mw, rejected_mask=ml)
+                        + 0.3 * group_nll_loss(logps, tok_mask, mw))
+    g_h, g_lp = jax.grad(total, argnums=(0, 1))(hw, logps)
+    g_h_alone = jax.grad(lambda h: jnp.mean(mdpo_loss(h, hl, beta=0.5, chosen_mask=mw,
+                                                      rejected_mask=ml)))(hw)
+    np.testing.assert_allclose(g_h, g_h_alone, rtol=1e-6)
+    assert np.all(np.asarray(g_lp)[~mw] == 0.0) and np.all(np.isfinite(g_lp))
+    assert math.isclose(float(jnp.sum(group_nll_loss(logps, tok_mask, np.zeros((B, K), bool)))), 0.0)
