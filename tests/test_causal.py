@@ -166,7 +166,7 @@ def test_bad_input_raises():
         binned_mmd2(x, np.full(N, -1, np.int32), num_bins=M, bandwidth=1.0)
     with pytest.raises(TypeError, match="integer"):
         binned_mmd2(x, BINS.astype(np.float32), num_bins=M, bandwidth=1.0)
-    with pytest.raises(ValueError, match=r"features_rows \(24,\), bins \(23,\)"):
+    with pytest.raises(ValueError, match=r"features have 24 rows, bins \(23,\)"):
         binned_mmd2(x, BINS[:-1], num_bins=M, bandwidth=1.0)
     with pytest.raises(ValueError, match=r"where \(5,\)"):
         binned_mmd2(x, BINS, num_bins=M, bandwidth=1.0, where=np.ones(5, bool))

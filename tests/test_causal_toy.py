@@ -10,7 +10,7 @@ import pytest
 from alignax.toy.causal import (ToyConfig, quantile_edges, sample_pairs, spurious_bins,
                                 train_reward_model)
 
-CFG = ToyConfig(spurious="flag", num_train=1024, steps=120, batch_size=128)
+CFG = ToyConfig(spurious="flag", num_train=1024, steps=80, batch_size=128)
 _sample = jax.jit(sample_pairs, static_argnums=1, static_argnames="num_pairs")
 
 

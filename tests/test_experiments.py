@@ -12,9 +12,9 @@ from experiments import fdpo_sentiment
 from experiments.cli import parse_config
 from experiments.fdpo_sentiment import Config, oracle_reward, positive_token_ids
 
-SMALL = ["--sft_steps", "4", "--sft_batch_size", "4", "--sft_length", "32", "--num_prompts", "16",
-         "--eval_prompts", "4", "--eval_samples", "2", "--samples_per_prompt", "3",
-         "--response_length", "6", "--train_steps", "4", "--batch_size", "4",
+SMALL = ["--sft_steps", "4", "--sft_batch_size", "4", "--sft_length", "32", "--num_prompts", "32",
+         "--eval_prompts", "4", "--eval_samples", "2", "--samples_per_prompt", "4",
+         "--response_length", "8", "--train_steps", "4", "--batch_size", "4",
          "--eval_every", "2", "--save_every", "2", "--progress", "false", "--mesh", "1,1,1"]
 
 

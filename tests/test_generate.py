@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (TemperatureLogitsWarper, Top
 
 import alignax.models as am
 from alignax.models.generate import _generate, filter_logits
+from alignax.training.mesh import make_mesh
 from test_models_support import VOCAB, checkpoints, hf_logits  # noqa: F401
 
 NEW = 7
@@ -49,6 +50,15 @@ def test_greedy_matches_hf_generate(case, checkpoints):
     assert tokens.shape == (8, NEW) and tokens.dtype == jnp.int32
     assert bool(out_mask.all())
     np.testing.assert_array_equal(tokens, hf_greedy(hf, ids, mask))
+
+
+def test_greedy_on_a_mesh_equals_unsharded(checkpoints):
+    _, directory, model = checkpoints("llama_gqa")
+    sharded = am.from_pretrained(directory, mesh=make_mesh((2, 2, 2)))
+    ids, mask = left_padded_prompts(seed=1)
+    tokens = [am.generate(m, ids, mask, key=jax.random.key(0), max_new_tokens=NEW,
+                          temperature=0.0)[0] for m in (model, sharded)]
+    np.testing.assert_array_equal(tokens[0], tokens[1])
 
 
 def test_eos_stops_each_row_like_hf(checkpoints):

@@ -92,6 +92,10 @@ def test_tiny_config_families(family):
         assert arch.rope.rotary_dim == 4 and arch.parallel_residual
     logits = nnx.eval_shape(lambda m: m(jnp.zeros((2, 6), jnp.int32)), model)
     assert logits.shape == (2, 6, VOCAB)
+    # equal configs give equal graphdefs, so e.g. policy and reference share compilations
+    twin = nnx.eval_shape(lambda: am.create(am.tiny_config(family, vocab_size=VOCAB),
+                                            rngs=nnx.Rngs(1)))
+    assert nnx.graphdef(twin) == nnx.graphdef(model)
 
 
 def test_logical_axes_annotate_every_parameter():

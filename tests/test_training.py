@@ -19,8 +19,10 @@ from flax import nnx
 from alignax.data import BatchIterator, PreferenceDataset, TokenizedExample, TruncationReport
 from alignax.data import default_tokenizer
 from alignax.models import create, tiny_config
-from alignax.objectives import (causal_dpo_loss, distill_loss, fdpo_loss, ipo_loss,
-                                pessimistic_distill_loss, pessimistic_dpo_loss)
+from alignax.models.reward import create_reward_model
+from alignax.objectives import (bradley_terry_loss, causal_dpo_loss, causal_reward_loss,
+                                distill_loss, fdpo_loss, ipo_loss, pessimistic_distill_loss,
+                                pessimistic_dpo_loss)
 from alignax.objectives.multisample import mdpo_loss, mipo_loss
 from alignax.training.checkpoint import Checkpointer
 from alignax.training.loop import MetricsLogger, NonFiniteLossError, plot_metrics, train
@@ -180,6 +182,13 @@ def test_group_causal_and_distillation_adapters_call_their_losses():
     with pytest.raises(ValueError, match="nll_weight needs chosen"):
         make_objective(ObjectiveConfig(name="distill", nll_weight=1.0))
 
+    causal = make_objective(ObjectiveConfig(name="causal_reward", lam=0.5, num_bins=2,
+                                            bandwidth=2.0, margin=0.1))
+    assert causal.scores == "rewards" and not causal.uses_reference
+    loss, _ = causal({"chosen": hw, "rejected": hl}, None, {"bin": bins}, step=0, key=None)
+    np.testing.assert_allclose(loss, causal_reward_loss(hw, hl, bins, bins, lam=0.5, num_bins=2,
+                                                        bandwidth=2.0, margin=0.1), rtol=1e-6)
+
 
 def test_objective_registry_errors():
     with pytest.raises(ValueError, match="unknown objective 'nope'"):
@@ -238,6 +247,24 @@ def test_bf16_compute_keeps_float32_masters(baseline):
                if jnp.issubdtype(x.dtype, jnp.floating))
     np.testing.assert_allclose(metrics["loss"], baseline[1]["loss"], rtol=1e-2)
     np.testing.assert_allclose(metrics["logps/chosen"], baseline[1]["logps/chosen"], rtol=2e-2)
+
+
+def test_reward_model_training_step():
+    graphdef, params, rest = split_model(create_reward_model(CONFIG, rngs=nnx.Rngs(1)))
+    optimizer, schedule = OPTIMIZER
+    state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=MESH)
+    step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="bradley_terry")),
+                           optimizer, schedule, mesh=MESH, state_shardings=shardings,
+                           model_state=rest)
+    batch = first_batch()
+    model = nnx.merge(graphdef, params, rest)
+    chosen = model(batch["chosen_input_ids"], batch["chosen_attention_mask"])  # [B]
+    rejected = model(batch["rejected_input_ids"], batch["rejected_attention_mask"])
+    state, metrics = step(state, global_batch(batch, MESH), None)
+    np.testing.assert_allclose(metrics["loss"], np.mean(bradley_terry_loss(chosen, rejected)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(metrics["scores/chosen"], np.mean(chosen), rtol=1e-5, atol=1e-6)
+    assert int(state.step) == 1 and relative_error(state.params, params) > 0
 
 
 def test_cached_reference_logps_equal_the_frozen_reference(tmp_path, baseline, caplog):

@@ -45,9 +45,9 @@ def simpson_index(counts, *, unbiased: bool = False) -> jnp.ndarray:
 
 def category_entropy(counts) -> jnp.ndarray:
     """Shannon entropy (nats) of the category distribution, [..., C] -> [...]; 0 log 0 = 0."""
-    p, _ = _proportions(counts)
+    p, total = _proportions(counts)
     plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-    return -jnp.sum(plogp, axis=-1)
+    return jnp.where(total > 0, -jnp.sum(plogp, axis=-1), jnp.nan)
 
 
 def kl_to_uniform(counts) -> jnp.ndarray:

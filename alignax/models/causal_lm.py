@@ -20,16 +20,21 @@ from alignax.models.config import ModelConfig
 
 
 class HFConfig:
-    """Holds the HF config as a static (hashable by identity) attribute of the module graph."""
+    """Holds the HF config as a static, hashable attribute of the module graph.
+
+    Equal when the configs' JSON is equal (taken once, at construction), so two models loaded
+    from the same checkpoint (policy and reference) share jit-compiled functions.
+    """
 
     def __init__(self, config):
         self.value = config
+        self._json = config.to_json_string(use_diff=False)
 
     def __hash__(self) -> int:
-        return id(self.value)
+        return hash(self._json)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, HFConfig) and other.value is self.value
+        return isinstance(other, HFConfig) and other._json == self._json
 
 
 def default_positions(attention_mask: jax.Array) -> jax.Array:

@@ -112,7 +112,7 @@ def median_heuristic_bandwidth(features: jax.Array, *, where: jax.Array | None =
     x = _as_features("features", features)
     n = x.shape[0]
     valid = jnp.ones((n,), bool) if where is None else jnp.asarray(where, bool)
-    check_same_shape(features_rows=x[:, 0], where=valid)
+    _check_rows(n, where=valid)
     pair = jnp.triu(jnp.ones((n, n), bool), k=1) & valid[:, None] & valid[None, :]
     dist = jnp.sqrt(_squared_distances(x, x) + 1e-30)  # [N, N]
     med = jnp.nanmedian(jnp.where(pair, dist, jnp.nan))
@@ -160,6 +160,14 @@ def mmd2(x: jax.Array, y: jax.Array, *, bandwidth, unbiased: bool = True) -> jax
     else:
         within_x, within_y = jnp.mean(kxx), jnp.mean(kyy)
     return within_x + within_y - 2.0 * jnp.mean(kxy)
+
+
+def _check_rows(n: int, **arrays) -> None:
+    """Raises ValueError unless every keyword array has shape [n] (n = feature rows)."""
+    shapes = {name: tuple(jnp.shape(a)) for name, a in arrays.items()}
+    if any(shape != (n,) for shape in shapes.values()):
+        described = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"shape mismatch: features have {n} rows, {described}")
 
 
 def _check_bins(bins, valid, num_bins: int) -> None:
@@ -219,8 +227,7 @@ def binned_mmd2(features: jax.Array, bins: jax.Array, *, num_bins: int, bandwidt
         raise ValueError(f"num_bins must be a positive static int, got {num_bins!r}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    check_same_shape(features_rows=x[:, 0], bins=bins,
-                     **({} if where is None else {"where": where}))
+    _check_rows(x.shape[0], bins=bins, **({} if where is None else {"where": where}))
     _check_bins(bins, where, int(num_bins))
     n_bins = int(num_bins)
 

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from alignax.divergences import get_divergence
-from alignax.objectives import (causal_dpo_loss, distill_loss, fdpo_loss, ipo_loss,
-                                pessimistic_distill_loss, pessimistic_dpo_loss)
+from alignax.objectives import (bradley_terry_loss, causal_dpo_loss, causal_reward_loss,
+                                distill_loss, fdpo_loss, ipo_loss, pessimistic_distill_loss,
+                                pessimistic_dpo_loss)
 from alignax.objectives.multisample import mdpo_loss, mipo_loss_with_metrics
 
 Metrics = dict[str, jax.Array]
@@ -36,7 +37,8 @@ ObjectiveFn = Callable[..., tuple[jax.Array, Metrics]]
 class ObjectiveConfig:
     """Which objective, and its hyper-parameters (unused fields are ignored by an objective).
 
-    name: a key of `OBJECTIVES` ("sft", "fdpo", "dpo", "ipo", "mdpo", "mipo", "causal_dpo",
+    name: a key of `OBJECTIVES` ("sft", "bradley_terry", "causal_reward", "fdpo", "dpo",
+      "ipo", "mdpo", "mipo", "causal_dpo",
       "distill", "pessimistic_distill" (pd-DPO with one reward, e-DPO with an ensemble),
       "pessimistic_dpo").
     beta, divergence, alpha: f-DPO temperature and divergence (all log-ratio objectives).
@@ -44,6 +46,8 @@ class ObjectiveConfig:
     lam, num_bins, bandwidth, conditional: Causal DPO's MMD weight, number of bins of the
       "bin" column, Gaussian bandwidth (None: median heuristic), conditional variant.
     gamma: weight of the forward-KL term of the pessimistic objectives (004 eq. 11, 13).
+    margin: Bradley-Terry margin of the reward-model objectives ("bradley_terry",
+      "causal_reward", which train a RewardModel instead of a policy).
     nll_weight: weight of the SFT term mean_t -log pi(y_w,t) added to every objective
       (thesis ch. 3, footnote 3); 0 disables it.
     """
@@ -59,6 +63,7 @@ class ObjectiveConfig:
     bandwidth: float | None = None
     conditional: bool = False
     gamma: float = 0.0
+    margin: float = 0.0
     nll_weight: float = 0.0
 
 
@@ -71,12 +76,16 @@ class Objective:
       fn: (policy_logps, reference_logps, batch, *, step, key) -> (loss [B], metrics).
       roles: batch column prefixes whose sequences are scored ("chosen", "rejected", ...).
       uses_reference: whether `reference_logps` is needed.
+      scores: "logprobs" (a CausalLM policy: summed response log-probs per role) or
+        "rewards" (a RewardModel being trained: its scalar score per role, in place of
+        `policy_logps`).
     """
 
     name: str
     fn: ObjectiveFn
     roles: tuple[str, ...] = ("chosen", "rejected")
     uses_reference: bool = True
+    scores: str = "logprobs"
 
     def __call__(self, policy_logps, reference_logps, batch, *, step, key):
         return self.fn(policy_logps, reference_logps, batch, step=step, key=key)
@@ -239,6 +248,41 @@ def _pessimistic_dpo(config: ObjectiveConfig) -> Objective:
     return Objective("pessimistic_dpo", fn)
 
 
+def _reward_metrics(chosen_r: jax.Array, rejected_r: jax.Array) -> Metrics:
+    return {"rewards/chosen": jnp.mean(chosen_r), "rewards/rejected": jnp.mean(rejected_r),
+            "rewards/margins": jnp.mean(chosen_r - rejected_r),
+            "rewards/accuracies": jnp.mean((chosen_r > rejected_r).astype(jnp.float32))}
+
+
+def _bradley_terry(config: ObjectiveConfig) -> Objective:
+    """Reward-model training: -log sigmoid(r_w - r_l - margin) on the model's scores."""
+
+    def fn(rewards, reference_logps, batch, *, step, key):
+        del reference_logps, batch, step, key
+        loss = bradley_terry_loss(rewards["chosen"], rewards["rejected"], margin=config.margin)
+        return loss, _reward_metrics(rewards["chosen"], rewards["rejected"])
+
+    return Objective("bradley_terry", fn, uses_reference=False, scores="rewards")
+
+
+def _causal_reward(config: ObjectiveConfig) -> Objective:
+    """Causal reward model (thesis §4.5.1): Bradley-Terry + lam * binned MMD^2 over "bin"."""
+    bandwidth = "median" if config.bandwidth is None else config.bandwidth
+
+    def fn(rewards, reference_logps, batch, *, step, key):
+        del reference_logps, step, key
+        chosen_r, rejected_r = rewards["chosen"], rewards["rejected"]
+        loss = causal_reward_loss(chosen_r, rejected_r, batch.get("chosen_bin", batch["bin"]),
+                                  batch.get("rejected_bin", batch["bin"]), lam=config.lam,
+                                  num_bins=config.num_bins, bandwidth=bandwidth,
+                                  conditional=config.conditional, margin=config.margin)
+        plain = bradley_terry_loss(chosen_r, rejected_r, margin=config.margin)
+        return loss, {**_reward_metrics(chosen_r, rejected_r),
+                      "causal/mmd_term": jnp.mean(loss - plain)}
+
+    return Objective("causal_reward", fn, uses_reference=False, scores="rewards")
+
+
 def _sft(config: ObjectiveConfig) -> Objective:
     """Supervised fine-tuning on the "chosen" responses: mean_t -log pi(y_t) per example."""
     del config
@@ -256,6 +300,8 @@ OBJECTIVES: dict[str, Callable[[ObjectiveConfig], Objective]] = {
     "fdpo": _fdpo,
     "dpo": _dpo,
     "ipo": _ipo,
+    "bradley_terry": _bradley_terry,
+    "causal_reward": _causal_reward,
     "mdpo": _mdpo,
     "mipo": _mipo,
     "causal_dpo": _causal_dpo,
@@ -277,7 +323,7 @@ def with_nll(objective: Objective, weight: float) -> Objective:
     """`objective` plus weight * mean_t -log pi(y_w,t) on the chosen responses ([B])."""
     if weight == 0.0:
         return objective
-    if "chosen" not in objective.roles:
+    if "chosen" not in objective.roles or objective.scores != "logprobs":
         raise ValueError(f"nll_weight needs chosen responses; {objective.name} scores "
                          f"{objective.roles}")
 

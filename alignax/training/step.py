@@ -84,6 +84,30 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
     return out
 
 
+def role_rewards(model: nnx.Module, batch: dict[str, jax.Array],
+                 roles: tuple[str, ...]) -> dict[str, jax.Array]:
+    """A RewardModel's scores of each role's sequences, in one concatenated forward pass.
+
+    Returns:
+      role -> [B] (or [B, K]; [E, B] per role for an E-head model) float32.
+    """
+    length = max(batch[f"{r}_input_ids"].shape[-1] for r in roles)
+    ids, masks, leads = [], [], []
+    for role in roles:
+        x, m = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+        leads.append(x.shape[:-1])
+        pad = ((0, 0), (0, length - x.shape[-1]))
+        ids.append(jnp.pad(x.reshape(-1, x.shape[-1]), pad))  # [B(*K), T]
+        masks.append(jnp.pad(m.reshape(-1, m.shape[-1]), pad))
+    scores = model(jnp.concatenate(ids), attention_mask=jnp.concatenate(masks))  # [..., N]
+    out, start = {}, 0
+    for role, lead in zip(roles, leads):
+        size = math.prod(lead)
+        out[role] = scores[..., start:start + size].reshape(*scores.shape[:-1], *lead)
+        start += size
+    return out
+
+
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     mesh: Mesh, state_shardings: TrainState, model_state: Any = None,
@@ -92,7 +116,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
     """Returns `step(state, batch, reference_params) -> (state, metrics)`, a `jax.jit` closure.
 
     Args:
-      graphdef: the model's graph definition (`alignax.training.state.split_model`).
+      graphdef: the model's graph definition (`alignax.training.state.split_model`): a
+        CausalLM, or a RewardModel for objectives with `scores="rewards"`.
       objective: an adapter (`alignax.training.objectives.make_objective`).
       optimizer, schedule: from `alignax.training.state.make_optimizer`.
       mesh: the ("data", "fsdp", "tensor") mesh.
@@ -107,7 +132,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
 
     The returned step: `state` is donated; `batch` is a dict of [B, ...] arrays sharded over
     ("data", "fsdp"); metrics are replicated float32 scalars: loss, the objective's metrics,
-    logps/<role>, grad_norm (before clipping), lr, num_tokens (policy tokens processed), and
+    logps/<role> (scores/<role> for a reward model), grad_norm (before clipping), lr, num_tokens (policy tokens processed), and
     update_applied (0 when a non-finite loss or gradient skipped the update).
     """
     if reference not in ("model", "cached"):
@@ -125,6 +150,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         return nnx.merge(graphdef, compute_params, model_state)
 
     def policy_logps(params, batch):
+        if objective.scores == "rewards":  # a RewardModel under training
+            return role_rewards(merged(params), batch, roles)
         return role_logprobs(merged(params), batch, roles, chunk_size=config.chunk_size,
                              vocab_chunk_size=config.vocab_chunk_size)
 
@@ -142,7 +169,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         logps = policy_logps(params, batch)
         per_example, metrics = objective(logps, reference_logps(reference_params, batch), batch,
                                          step=step, key=key)
-        metrics = {**metrics, **{f"logps/{r}": jnp.mean(v) for r, v in logps.items()}}
+        prefix = "logps" if objective.scores == "logprobs" else "scores"
+        metrics = {**metrics, **{f"{prefix}/{r}": jnp.mean(v) for r, v in logps.items()}}
         return jnp.mean(per_example), metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
