@@ -6,10 +6,10 @@
 Times jitted value-and-grad of `alignax.objectives.binned_mmd2` (features = one scalar per
 response, as CRM / Causal DPO regularise rewards or log-ratios; and D=64 latent features) at
 N = 1024 responses and M = 60 bins (the demographic bins of §4.12.2), then sweeps N and M.
-The reference is value-and-grad of the next-token loss of a tiny llama-shaped transformer
-(2 layers, d=64, 4 heads, MLP 172, vocab 512: the `alignax.models.tiny_config` shape) on the
-same N sequences of T tokens, written out here so the benchmark does not depend on the model
-code. Everything runs in one process, so the ratios are the result; absolute times depend on
+The reference is value-and-grad of the next-token loss of the embedded tiny model
+(`alignax.models.tiny_config("llama", vocab_size=1024)`: 2 layers, hidden 64, 4 heads, 2 KV
+heads, MLP 172) on the same N sequences of T tokens, i.e. the forward/backward of a train
+step without the optimizer update. Everything runs in one process, so the ratios are the result; absolute times depend on
 the (noisy, shared) machine. Prints a table and one JSON line.
 """
 
@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
+import alignax.models as am
 from alignax.objectives import binned_mmd2
+
+VOCAB = 1024  # the embedded default tokenizer's vocabulary
 
 
 def _timeit(fn, *args, repeats: int) -> float:
@@ -48,41 +53,18 @@ def mmd_step(n: int, m: int, d: int | None, repeats: int) -> float:
     return _timeit(f, feats, repeats=repeats)
 
 
-def _tiny_transformer(vocab=512, d=64, heads=4, mlp=172, layers=2):
-    """Params and loss of a minimal pre-norm llama-shaped LM (RMSNorm, causal MHA, SwiGLU)."""
-    keys = iter(jax.random.split(jax.random.key(2), 4 + 6 * layers))
-    init = lambda shape: jax.random.normal(next(keys), shape) / np.sqrt(shape[0])  # noqa: E731
-    params = {"embed": init((vocab, d)), "unembed": init((d, vocab)),
-              "layers": [{"qkv": init((d, 3 * d)), "o": init((d, d)), "gate": init((d, mlp)),
-                          "up": init((d, mlp)), "down": init((mlp, d))} for _ in range(layers)]}
+def model_step(n: int, t: int, repeats: int) -> float:
+    """value-and-grad of the next-token loss of the embedded tiny llama on [n, t] tokens."""
+    cfg = am.tiny_config("llama", vocab_size=VOCAB)
+    graphdef, state = nnx.split(am.create(cfg, rngs=nnx.Rngs(0)))
 
-    def rms(x):
-        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-
-    def loss(p, tokens):  # tokens [N, T]
-        n, t = tokens.shape
-        x = p["embed"][tokens]  # [N, T, d]
-        mask = jnp.tril(jnp.ones((t, t), bool))
-        for layer in p["layers"]:
-            q, k, v = jnp.split(rms(x) @ layer["qkv"], 3, axis=-1)  # [N, T, d] each
-            q, k, v = (a.reshape(n, t, heads, d // heads) for a in (q, k, v))
-            att = jnp.einsum("nthe,nshe->nhts", q, k) / np.sqrt(d // heads)
-            att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
-            x = x + jnp.einsum("nhts,nshe->nthe", att, v).reshape(n, t, d) @ layer["o"]
-            h = rms(x)
-            x = x + (jax.nn.silu(h @ layer["gate"]) * (h @ layer["up"])) @ layer["down"]
-        logits = rms(x[:, :-1]) @ p["unembed"]  # [N, T-1, V]
-        logp = jax.nn.log_softmax(logits)
+    def loss(state, tokens):  # tokens [N, T]
+        logits = nnx.merge(graphdef, state)(tokens)  # [N, T, V]
+        logp = jax.nn.log_softmax(logits[:, :-1])
         return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-    return params, loss
-
-
-def model_step(n: int, t: int, repeats: int) -> float:
-    params, loss = _tiny_transformer()
-    tokens = jax.random.randint(jax.random.key(3), (n, t), 0, 512)
-    f = jax.jit(jax.value_and_grad(loss))
-    return _timeit(f, params, tokens, repeats=repeats)
+    tokens = jax.random.randint(jax.random.key(3), (n, t), 0, VOCAB)
+    return _timeit(jax.jit(jax.value_and_grad(loss)), state, tokens, repeats=repeats)
 
 
 def main() -> None:
@@ -96,7 +78,7 @@ def main() -> None:
     model_s = model_step(n_ref, args.seq_len, repeats)
     scalar_s = mmd_step(n_ref, m_ref, None, repeats)
     latent_s = mmd_step(n_ref, m_ref, 64, repeats)
-    rows = [("tiny transformer value+grad", n_ref, "-", model_s),
+    rows = [("tiny llama value+grad", n_ref, "-", model_s),
             ("binned_mmd2 value+grad, features [N]", n_ref, m_ref, scalar_s),
             ("binned_mmd2 value+grad, features [N, 64]", n_ref, m_ref, latent_s)]
     ns = (256, 1024, 4096) if args.quick else (256, 512, 1024, 2048, 4096)
@@ -107,7 +89,7 @@ def main() -> None:
             sweep[(n, m)] = mmd_step(n, m, None, repeats)
             rows.append(("binned_mmd2 value+grad, features [N]", n, m, sweep[(n, m)]))
 
-    print(f"device: {jax.devices()[0].device_kind}; tiny transformer: N={n_ref} sequences x "
+    print(f"device: {jax.devices()[0].device_kind}; tiny llama: N={n_ref} sequences x "
           f"T={args.seq_len} tokens")
     print(f"{'workload':44s} {'N':>6s} {'M':>5s} {'ms':>10s} {'/ model step':>13s}")
     for name, n, m, s in rows:

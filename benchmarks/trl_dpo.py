@@ -15,8 +15,10 @@ step (trace + XLA compile + run) and TRL's first step (no compile: eager warm-up
 Achieved FLOP/s counts the model FLOPs of a step analytically (policy forward + backward = 3x
 forward, plus one reference forward: 4 forward passes; a forward pass costs 2 FLOPs per
 multiply-add of every matmul, attention scores and values included over the full 128x128
-window) and divides by the median step time; the peak is the best float32 matmul FLOP/s
-measured here (2048^3, XLA and torch, best of both). Prints a table and one JSON line.
+window) and divides by the median step time; the peak is the best float32 2048^3 matmul
+FLOP/s measured during the run (XLA in the alignax subprocesses, torch in the TRL ones, after
+each timed run). On a shared machine the load changes between measurements; the fraction is
+only meaningful on an otherwise idle machine. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -173,31 +175,35 @@ def run_trl(vocab: int, steps: int, warmup: int) -> dict:
 
 # --------------------------------------------------------------------------- peak and driver
 
-def matmul_peak() -> float:
-    """Best float32 FLOP/s of a 2048^3 matmul on this CPU (XLA and torch, median of 5 each)."""
-    import jax
-    import jax.numpy as jnp
-    import torch
-
+def matmul_peak(framework: str) -> float:
+    """Best float32 FLOP/s of a 2048^3 matmul in this process (XLA for alignax, torch for TRL;
+    best of 7 after a warm-up). The driver takes the max over all measurements of the run."""
     n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    t = torch.randn(n, n)
-    best = []
-    for run in (lambda: matmul(a).block_until_ready(), lambda: torch.mm(t, t)):
+    if framework == "alignax":
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        matmul = jax.jit(lambda x: x @ x)
+        run = lambda: matmul(a).block_until_ready()  # noqa: E731
+    else:
+        import torch
+
+        t = torch.randn(n, n)
+        run = lambda: torch.mm(t, t)  # noqa: E731
+    run()
+    times = []
+    for _ in range(7):
+        began = time.perf_counter()
         run()
-        times = []
-        for _ in range(5):
-            began = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - began)
-        best.append(2 * n ** 3 / statistics.median(times))
-    return max(best)
+        times.append(time.perf_counter() - began)
+    return 2 * n ** 3 / min(times)
 
 
 def child(framework: str, vocab: int, steps: int, warmup: int) -> dict:
     result = {"alignax": run_alignax, "trl": run_trl}[framework](vocab, steps, warmup)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["matmul_flops"] = matmul_peak(framework)  # after the RSS reading: not counted in it
     return result
 
 
@@ -224,23 +230,28 @@ def main() -> None:
         print(json.dumps(child(args.child, vocabs[0], args.steps, args.warmup)))
         return
     tokens = 2 * PAIRS * (PROMPT + RESPONSE)
-    peak = matmul_peak()
     rows, report = [], {"benchmark": "trl_dpo", "tokens_per_step": tokens,
-                        "matmul_peak_flops": peak, "load_average": os.getloadavg(),
-                        "cpus": os.cpu_count(), "results": {}}
+                        "load_average_start": os.getloadavg(), "cpus": os.cpu_count(),
+                        "results": {}}
+    peaks = []
     for vocab in vocabs:
         entry = {}
         for framework in ("alignax", "trl"):
             result = measure(framework, vocab, args.steps, args.warmup)
+            peaks.append(result["matmul_flops"])
             median = statistics.median(result["step_times"])
-            flops = step_flops(vocab) / median
             entry[framework] = {"tokens_per_s": tokens / median, "median_step_s": median,
                                 "first_step_s": result["first_step_s"],
-                                "peak_rss_mib": result["peak_rss_mib"], "flops": flops,
-                                "fraction_of_peak": flops / peak}
+                                "peak_rss_mib": result["peak_rss_mib"],
+                                "flops": step_flops(vocab) / median}
             rows.append((vocab, framework, entry[framework]))
         entry["speedup"] = entry["alignax"]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
         report["results"][str(vocab)] = entry
+    peak = max(peaks)
+    for _, _, r in rows:
+        r["fraction_of_peak"] = r["flops"] / peak
+    report["matmul_peak_flops"] = peak
+    report["load_average_end"] = os.getloadavg()
     print(f"float32 matmul peak on this CPU: {peak / 1e9:.1f} GFLOP/s; "
           f"load average {os.getloadavg()[0]:.1f}; {tokens} tokens per step")
     print(f"| vocab | framework | tokens/s | median step (s) | first step / compile (s) | "

@@ -33,7 +33,6 @@ import sys
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 import numpy as np
 from flax import nnx
@@ -70,7 +69,7 @@ class Config:
     run_dir: str = "runs/fdpo_sentiment"
     seed: int = 0
     divergences: tuple[str, ...] = ("reverse_kl", "jsd", "alpha_0.5", "forward_kl")
-    beta: float = 0.1
+    beta: float = 0.2
     model: str = "tiny"  # "tiny" (embedded) or an HF hub id / local directory
     tokenizer: str = "default"  # "default" (embedded) or an HF hub id / local directory
     prompts: str = "corpus"  # "corpus" (embedded reviews), a .txt file (one per line) or a dataset
@@ -88,7 +87,7 @@ class Config:
     temperature: float = 1.0
     train_steps: int = 60
     batch_size: int = 16
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     eval_every: int = 20
     eval_prompts: int = 32
     eval_samples: int = 4
@@ -200,15 +199,28 @@ def sft_reference(config: Config, tokenizer, mesh, params, graphdef, rest) -> ob
     run = pathlib.Path(config.run_dir) / "sft"
     return run_phase(config, run, step, state, ArrayBatches(arrays, batch_size=config.sft_batch_size,
                                                             seed=config.seed),
-                     num_steps=config.sft_steps, reference=None, description="sft").params
+                     num_steps=config.sft_steps, reference=None, description="sft",
+                     phase="sft").params
+
+
+SFT_FIELDS = ("seed", "model", "tokenizer", "mesh", "compute_dtype", "sft_steps",
+              "sft_batch_size", "sft_length", "sft_learning_rate")
+NOT_CHECKED = ("run_dir", "divergences", "export", "progress", "save_every", "keep_checkpoints")
+
+
+def phase_config(config: Config, phase: str) -> dict:
+    """The config fields a phase's checkpoints depend on (a resume with others is refused)."""
+    fields = dataclasses.asdict(config)
+    if phase == "sft":
+        return {k: fields[k] for k in SFT_FIELDS}
+    return {k: v for k, v in fields.items() if k not in NOT_CHECKED}
 
 
 def run_phase(config: Config, run: pathlib.Path, step, state, batches, *, num_steps: int,
-              reference, description: str):
+              reference, description: str, phase: str):
     """Resumes `state`/`batches` from run/checkpoints if there is one, then trains to num_steps."""
-    checkpointer = Checkpointer(run / "checkpoints", config=dataclasses.asdict(config),
-                                save_every=config.save_every, keep=config.keep_checkpoints,
-                                ignore_config_keys=("divergences", "export", "progress"))
+    checkpointer = Checkpointer(run / "checkpoints", config=phase_config(config, phase),
+                                save_every=config.save_every, keep=config.keep_checkpoints)
     ahead = (checkpointer.latest_step() or 0) > int(state.step)
     restored = checkpointer.restore_latest(state) if ahead else None
     if restored is not None:
@@ -321,13 +333,15 @@ def train_divergence(config: Config, name: str, graphdef, rest, reference_params
         if end in done:
             continue
         state = run_phase(config, run, step, state, batches, num_steps=end,
-                          reference=reference_params, description=f"f-DPO {name}")
+                          reference=reference_params, description=f"f-DPO {name}",
+                          phase="fdpo")
         done[end] = evaluate(state.params, end)
         with evals_path.open("a") as f:
             f.write(json.dumps(done[end]) + "\n")
     if config.export:  # restores the final checkpoint when every segment was already done
         state = run_phase(config, run, step, state, batches, num_steps=config.train_steps,
-                          reference=reference_params, description=f"f-DPO {name}")
+                          reference=reference_params, description=f"f-DPO {name}",
+                          phase="fdpo")
         export_hf(graphdef, state.params, run / "hf", model_state=rest)
     final = read_metrics(run / "metrics.jsonl")[-1]
     records = [done[s] for s in sorted(done)]

@@ -62,7 +62,9 @@ LABELS = {("reverse_kl", None): "reverse KL", ("jsd", None): "JSD",
 
 ROOT = next((p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
              if (p / "pyproject.toml").exists()), pathlib.Path.cwd())  # the repository
-FIGURES = ROOT / "notebooks" / "figures"
+# Full-size figures and tables are committed under notebooks/figures/; the small CI run sends
+# its own to ALIGNAX_FIGURES_DIR instead, so it never overwrites them.
+FIGURES = pathlib.Path(os.environ.get("ALIGNAX_FIGURES_DIR", ROOT / "notebooks" / "figures"))
 FIGURES.mkdir(parents=True, exist_ok=True)
 START = time.perf_counter()
 

@@ -35,7 +35,8 @@ def mmd2_brute(x, y, bandwidths, unbiased):
     return (mean_k(x, x, unbiased) + mean_k(y, y, unbiased) - 2 * mean_k(x, y, False))
 
 
-_mmd_u = jax.jit(lambda x, y: mmd2(x, y, bandwidth=0.9, unbiased=True))  # reused: one trace per shape
+# module-level jits, reused across cases: one trace per shape
+_mmd_u = jax.jit(lambda x, y: mmd2(x, y, bandwidth=0.9, unbiased=True))
 _mmd_b = jax.jit(lambda x, y: mmd2(x, y, bandwidth=0.9, unbiased=False))
 
 

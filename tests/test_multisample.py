@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from alignax.objectives import fdpo_loss, group_nll_loss, ipo_loss, mdpo_loss, mipo_loss
-from alignax.objectives import mipo_loss_with_metrics, nll_loss
+from alignax.objectives import mipo_loss_with_metrics
 
 B, K, L = 6, 4, 3
 DIVERGENCES = (("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("alpha", 0.3))
@@ -103,23 +103,29 @@ def test_reverse_kl_is_the_thesis_formula():
     """-log sigmoid(beta mean h_w - beta mean h_l) and (mean - mean - 1/(2 tau))^2 - s^2/K - ..."""
     hw = np.array([[0.5, -1.0, 2.0]], np.float32)
     hl = np.array([[1.0, -3.0]], np.float32)
+    got_dpo, got_ipo = jax.jit(lambda a, b: (mdpo_loss(a, b, beta=0.1), mipo_loss(a, b, tau=0.5)))(hw, hl)
     z = 0.1 * (hw.mean() - hl.mean())
-    np.testing.assert_allclose(mdpo_loss(hw, hl, beta=0.1), [np.log1p(np.exp(-z))], rtol=1e-6)
+    np.testing.assert_allclose(got_dpo, [np.log1p(np.exp(-z))], rtol=1e-6)
     want = (hw.mean() - hl.mean() - 1.0) ** 2 - hw.var(ddof=1) / 3 - hl.var(ddof=1) / 2
-    np.testing.assert_allclose(mipo_loss(hw, hl, tau=0.5), [want], rtol=1e-5)
+    np.testing.assert_allclose(got_ipo, [want], rtol=1e-5)
 
 
 # ---------------------------------------------------------------- reductions to DPO / IPO
+@jax.jit
+def _single_member(hw, hl):
+    """(mDPO on [B, 1] groups, f-DPO) per divergence, and (plain mIPO, IPO)."""
+    pairs = [(mdpo_loss(hw[:, None], hl[:, None], beta=0.3, divergence=d, alpha=a),
+              fdpo_loss(hw, hl, beta=0.3, divergence=d, alpha=a)) for d, a in DIVERGENCES]
+    pairs.append((mipo_loss(hw[:, None], hl[:, None], tau=0.25, unbiased=False),
+                  ipo_loss(hw, hl, tau=0.25)))
+    return pairs
+
+
 @given(st.lists(st.floats(-50, 50), min_size=8, max_size=8))
 def test_single_member_groups_are_dpo_and_ipo(values):
     v = np.asarray(values, np.float32).reshape(2, 4)
-    hw, hl = v[0], v[1]
-    for name, alpha in DIVERGENCES:
-        got = mdpo_loss(hw[:, None], hl[:, None], beta=0.3, divergence=name, alpha=alpha)
-        want = fdpo_loss(hw, hl, beta=0.3, divergence=name, alpha=alpha)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    got = mipo_loss(hw[:, None], hl[:, None], tau=0.25, unbiased=False)
-    np.testing.assert_allclose(got, ipo_loss(hw, hl, tau=0.25), rtol=1e-5, atol=1e-5)
+    for got, want in _single_member(v[0], v[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_singletons_equal_ipo_even_when_unbiased():
@@ -128,8 +134,10 @@ def test_masked_singletons_equal_ipo_even_when_unbiased():
     hw, hl = rng.normal(size=(2, B, K)).astype(np.float32)
     mask = np.zeros((B, K), bool)
     mask[:, 0] = True
-    got, metrics = mipo_loss_with_metrics(hw, hl, tau=0.4, chosen_mask=mask, rejected_mask=mask)
-    np.testing.assert_allclose(got, ipo_loss(hw[:, 0], hl[:, 0], tau=0.4), rtol=1e-5)
+    got, metrics = jax.jit(lambda a, b: mipo_loss_with_metrics(
+        a, b, tau=0.4, chosen_mask=mask, rejected_mask=mask))(hw, hl)
+    want = (hw[:, 0].astype(np.float64) - hl[:, 0] - 1.25) ** 2  # IPO, 1/(2 tau) = 1.25
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     assert int(metrics["num_uncorrected_groups"]) == 2 * B
     assert int(metrics["num_empty_examples"]) == 0
     assert float(metrics["mean_variance_correction"]) == 0.0
@@ -179,15 +187,17 @@ def test_padded_members_affect_neither_value_nor_gradient(fill):
 def test_masks_equal_slicing():
     """A ragged row under a mask == the same row evaluated alone on its sliced members."""
     hw, hl, mw, ml = _data(7)
-    for div in DIVERGENCES:
-        masked = np.asarray(_MDPO[div](hw, hl, mw, ml))
-        masked_ipo = np.asarray(_MIPO[(div, False)](hw, hl, mw, ml))
-        for b in range(B):
-            w, l = hw[b][mw[b]][None], hl[b][ml[b]][None]
-            alone = mdpo_loss(w, l, beta=0.7, divergence=div[0], alpha=div[1])
-            np.testing.assert_allclose(masked[b], alone[0], rtol=1e-6, atol=1e-7)
-            alone = mipo_loss(w, l, tau=0.4, unbiased=False, divergence=div[0], alpha=div[1])
-            np.testing.assert_allclose(masked_ipo[b], alone[0], rtol=1e-5, atol=1e-6)
+    @jax.jit
+    def alone(w, l):
+        return [(mdpo_loss(w, l, beta=0.7, divergence=d, alpha=a),
+                 mipo_loss(w, l, tau=0.4, unbiased=False, divergence=d, alpha=a))
+                for d, a in DIVERGENCES]
+    masked = [(_MDPO[d](hw, hl, mw, ml), _MIPO[(d, False)](hw, hl, mw, ml)) for d in DIVERGENCES]
+    for b in range(B):
+        sliced = alone(hw[b][mw[b]][None], hl[b][ml[b]][None])
+        for (m_dpo, m_ipo), (s_dpo, s_ipo) in zip(masked, sliced):
+            np.testing.assert_allclose(m_dpo[b], s_dpo[0], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(m_ipo[b], s_ipo[0], rtol=1e-5, atol=1e-6)
 
 
 def test_permutation_invariance_within_groups():
@@ -281,19 +291,22 @@ def test_group_nll_composes():
     rng = np.random.default_rng(0)
     logps = -rng.random((B, K, 5)).astype(np.float32)
     tok_mask = rng.random((B, K, 5)) < 0.8
-    _, _, mw, _ = _data(0)
-    got = group_nll_loss(logps, tok_mask, mw)
-    for b in range(B):
-        per = [nll_loss(logps[b, k][None], tok_mask[b, k][None])[0] for k in range(K) if mw[b, k]]
-        np.testing.assert_allclose(got[b], np.mean(per), rtol=1e-6)
+    tok_mask[0, 0] = False  # an empty member: nll 0
     hw, hl, mw, ml = _data(0)
+    nll = jax.jit(group_nll_loss)
+    got = nll(logps, tok_mask, mw)
+    per = (-(logps.astype(np.float64) * tok_mask).sum(-1) / np.maximum(tok_mask.sum(-1), 1))  # [B, K]
+    np.testing.assert_allclose(got, (per * mw).sum(-1) / mw.sum(-1), rtol=1e-6)
 
-    def total(hw, logps):
-        return jnp.mean(mdpo_loss(hw, hl, beta=0.5, chosen_mask=mw, rejected_mask=ml)
-                        + 0.3 * group_nll_loss(logps, tok_mask, mw))
-    g_h, g_lp = jax.grad(total, argnums=(0, 1))(hw, logps)
-    g_h_alone = jax.grad(lambda h: jnp.mean(mdpo_loss(h, hl, beta=0.5, chosen_mask=mw,
+    @jax.jit
+    def grads(hw, logps):
+        def total(hw, logps):
+            return jnp.mean(mdpo_loss(hw, hl, beta=0.5, chosen_mask=mw, rejected_mask=ml)
+                            + 0.3 * group_nll_loss(logps, tok_mask, mw))
+        alone = jax.grad(lambda h: jnp.mean(mdpo_loss(h, hl, beta=0.5, chosen_mask=mw,
                                                       rejected_mask=ml)))(hw)
+        return jax.grad(total, argnums=(0, 1))(hw, logps), alone
+    (g_h, g_lp), g_h_alone = grads(hw, logps)
     np.testing.assert_allclose(g_h, g_h_alone, rtol=1e-6)
     assert np.all(np.asarray(g_lp)[~mw] == 0.0) and np.all(np.isfinite(g_lp))
-    assert math.isclose(float(jnp.sum(group_nll_loss(logps, tok_mask, np.zeros((B, K), bool)))), 0.0)
+    assert math.isclose(float(jnp.sum(nll(logps, tok_mask, np.zeros((B, K), bool)))), 0.0)

@@ -19,8 +19,9 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path, monkeypatch):
+def test_notebook_executes(path, monkeypatch, tmp_path):
     monkeypatch.setenv("ALIGNAX_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("ALIGNAX_FIGURES_DIR", str(tmp_path))  # keep the committed full-size ones
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # One CPU device in the kernel: the notebooks are single-host studies.
     flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
@@ -35,3 +36,4 @@ def test_notebook_executes(path, monkeypatch):
     errors = [out for cell in notebook.cells if cell.cell_type == "code"
               for out in cell.get("outputs", []) if out.get("output_type") == "error"]
     assert not errors, errors
+    assert any(tmp_path.glob("*.png")), "the notebook saved no figure"

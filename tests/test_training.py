@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignax.data import BatchIterator, PreferenceDataset, TokenizedExample, TruncationReport
+from alignax.data import PreferenceDataset, TokenizedExample, TruncationReport
 from alignax.data import default_tokenizer
 from alignax.models import create, tiny_config
 from alignax.models.reward import create_reward_model
@@ -187,7 +187,8 @@ def test_group_causal_and_distillation_adapters_call_their_losses():
     assert causal.scores == "rewards" and not causal.uses_reference
     loss, _ = causal({"chosen": hw, "rejected": hl}, None, {"bin": bins}, step=0, key=None)
     np.testing.assert_allclose(loss, causal_reward_loss(hw, hl, bins, bins, lam=0.5, num_bins=2,
-                                                        bandwidth=2.0, margin=0.1), rtol=1e-6)
+                                                        bandwidth=2.0, margin=0.1,
+                                                        conditional=False), rtol=1e-6)
 
 
 def test_objective_registry_errors():

@@ -11,6 +11,11 @@ from alignax.models.partitioning import DEFAULT_RULES
 from alignax.models.partitioning import logical_to_mesh_sharding
 from alignax.models.partitioning import state_shardings
 from alignax.models.registry import create
+from alignax.models.reward import RewardEnsemble
+from alignax.models.reward import RewardModel
+from alignax.models.reward import create_reward_model
+from alignax.models.reward import load_reward_model
+from alignax.models.reward import save_reward_model
 from alignax.models.saving import save_pretrained
 
 __all__ = [
@@ -18,11 +23,16 @@ __all__ = [
     "DEFAULT_RULES",
     "KVCache",
     "ModelConfig",
+    "RewardEnsemble",
+    "RewardModel",
     "create",
+    "create_reward_model",
     "from_pretrained",
     "generate",
+    "load_reward_model",
     "logical_to_mesh_sharding",
     "save_pretrained",
+    "save_reward_model",
     "state_shardings",
     "tiny_config",
 ]

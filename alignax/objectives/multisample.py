@@ -50,7 +50,8 @@ def _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask):
         raise ValueError(f"batch size mismatch: chosen_h {jnp.shape(chosen_h)}, "
                          f"rejected_h {jnp.shape(rejected_h)}")
     masks = []
-    for name, h, mask in (("chosen", chosen_h, chosen_mask), ("rejected", rejected_h, rejected_mask)):
+    for name, h, mask in (("chosen", chosen_h, chosen_mask),
+                          ("rejected", rejected_h, rejected_mask)):
         if mask is None:
             masks.append(jnp.ones(jnp.shape(h), dtype=bool))
             continue
@@ -133,7 +134,8 @@ def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=None):
         # there (and 0 * inf = NaN in its gradient), so those rows are computed on zeros.
         p_, q_ = -a * h_eff[1], -a * h_eff[0]
         gap = jnp.abs(p_ - q_)
-        log_margin = jnp.maximum(p_, q_) + jnp.log(-jnp.expm1(-jnp.maximum(gap, 1e-30))) - jnp.log(a)
+        log_margin = (jnp.maximum(p_, q_) + jnp.log(-jnp.expm1(-jnp.maximum(gap, 1e-30)))
+                      - jnp.log(a))
         saturated = (p_ > q_) & (jnp.log(as_float32(beta)) + log_margin > math.log(104.0))
         saturated = jax.lax.stop_gradient(saturated)
         h_eff = [jnp.where(saturated, 0.0, h) for h in h_eff]

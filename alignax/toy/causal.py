@@ -14,9 +14,10 @@ P(a > b) = sigmoid(label_scale * (q_a - q_b)), and never depend on Z.
 
 `run_study` samples data, trains a linear or MLP reward model with Bradley-Terry + lambda *
 binned MMD^2 (`alignax.objectives.causal_reward_loss`, conditional or unconditional, median
-heuristic bandwidth from the first `bandwidth_pairs` pairs of each batch) under `lax.scan`, and evaluates it. Its arguments `key`, `lam` and
-`conditional` (a 0/1 float) are traced, so studies `jax.vmap` over seeds, lambdas and the two
-CRM variants in one compilation; lam = 0 is the vanilla Bradley-Terry reward model.
+heuristic bandwidth from the first `bandwidth_pairs` pairs of each batch) under `lax.scan`,
+and evaluates it. Its arguments `key`, `lam`, `conditional` (a 0/1 float) and `bins_used` (M)
+are traced, so `sweep` vmaps over seeds, lambdas, bin counts and the two CRM variants in one
+compilation; lam = 0 is the vanilla Bradley-Terry reward model.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def sample_pairs(key: jax.Array, cfg: ToyConfig, *, num_pairs: int, correlation)
         za, zb = jax.random.normal(k_z, (2, num_pairs))
         hi, lo = jnp.maximum(za, zb), jnp.minimum(za, zb)
         z_w, z_l = jnp.where(favour, hi, lo), jnp.where(favour, lo, hi)
-    return {"chosen_x": _features(k_fw, q_w, z_w, cfg), "rejected_x": _features(k_fl, q_l, z_l, cfg),
+    return {"chosen_x": _features(k_fw, q_w, z_w, cfg),
+            "rejected_x": _features(k_fl, q_l, z_l, cfg),
             "chosen_z": z_w, "rejected_z": z_l, "chosen_q": q_w, "rejected_q": q_l}
 
 

@@ -94,7 +94,7 @@ def sample_mixture(u: jax.Array, cells: jax.Array, config: DiffusionConfig) -> j
     return centers(config)[cells] + config.cluster_std * standard_normal(u)
 
 
-def _noised(params, x0, u, config):
+def _noised(x0, u, config):
     """(t, eps, x_t) for clean x0 [..., 2] from uniforms u [..., 3]."""
     _, alpha_bar = _schedule(config)
     t = jnp.minimum(jnp.floor(u[..., 0] * config.num_steps), config.num_steps - 1).astype(jnp.int32)
@@ -116,7 +116,7 @@ def pretrain(key: jax.Array, config: DiffusionConfig) -> dict:
         x0 = sample_mixture(u[:, 1:3], sample_cells(u[:, 0], config.base_weights), config)
 
         def loss_fn(p):
-            t, eps, xt = _noised(p, x0, u[:, 3:], config)
+            t, eps, xt = _noised(x0, u[:, 3:], config)
             return jnp.mean(jnp.sum(jnp.square(predict_noise(p, xt, t, config) - eps), -1))
         grads = jax.grad(loss_fn)(params)
         updates, state = opt.update(grads, state)

@@ -48,7 +48,8 @@ def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
     def one(x):
         if x.dtype.itemsize != 4:
-            x = x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.int32)
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            x = x.astype(jnp.float32) if floating else x.astype(jnp.int32)
         words = jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)  # [N]
         weights = jnp.arange(1, words.size + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
         return jnp.sum(words * weights, dtype=jnp.uint32) ^ jnp.sum(words, dtype=jnp.uint32)

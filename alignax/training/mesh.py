@@ -63,8 +63,9 @@ def initialize_distributed() -> None:
     `JAX_PROCESS_ID`) are detected by JAX itself; on a single host this is a no-op, so
     experiments call it unconditionally before touching any device.
     """
-    multi = ("JAX_COORDINATOR_ADDRESS" in os.environ or "SLURM_JOB_ID" in os.environ
-             or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ)
+    launchers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
+                 "MEGASCALE_COORDINATOR_ADDRESS")
+    multi = any(name in os.environ for name in launchers)
     if multi and not jax.distributed.is_initialized():
         jax.distributed.initialize()
 

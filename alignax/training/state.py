@@ -63,7 +63,8 @@ def make_schedule(config: OptimizerConfig) -> optax.Schedule:
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
     if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(config.total_steps, warmup + 1))
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup,
+                                                  max(config.total_steps, warmup + 1))
     if config.schedule == "linear":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup),
@@ -111,8 +112,8 @@ def state_shardings(params: nnx.State, optimizer: optax.GradientTransformation,
                       key=replicated)
 
 
-def create_train_state(params: nnx.State, optimizer: optax.GradientTransformation, *, key: jax.Array,
-                       mesh: Mesh) -> tuple[TrainState, TrainState]:
+def create_train_state(params: nnx.State, optimizer: optax.GradientTransformation, *,
+                       key: jax.Array, mesh: Mesh) -> tuple[TrainState, TrainState]:
     """A fresh train state laid out on `mesh`, and the matching tree of shardings.
 
     Args:

@@ -132,13 +132,15 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
 
     The returned step: `state` is donated; `batch` is a dict of [B, ...] arrays sharded over
     ("data", "fsdp"); metrics are replicated float32 scalars: loss, the objective's metrics,
-    logps/<role> (scores/<role> for a reward model), grad_norm (before clipping), lr, num_tokens (policy tokens processed), and
+    logps/<role> (scores/<role> for a reward model), grad_norm (before clipping), lr,
+    num_tokens (policy tokens processed), and
     update_applied (0 when a non-finite loss or gradient skipped the update).
     """
     if reference not in ("model", "cached"):
         raise ValueError(f"reference must be 'model' or 'cached', got {reference!r}")
     if config.remat is not None and config.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be None or one of {sorted(REMAT_POLICIES)}, got {config.remat!r}")
+        raise ValueError(f"remat must be None or one of {sorted(REMAT_POLICIES)}, "
+                         f"got {config.remat!r}")
     compute_dtype = jnp.dtype(config.compute_dtype)
     accum = config.grad_accum_steps
     roles = objective.roles
@@ -216,5 +218,6 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         step_fn = chex.assert_max_traces(step_fn, n=max_traces)
     frozen_reference = reference == "model" and objective.uses_reference
     reference_shardings = state_shardings.params if frozen_reference else None
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh), reference_shardings),
+    return jax.jit(step_fn,
+                   in_shardings=(state_shardings, batch_sharding(mesh), reference_shardings),
                    out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
