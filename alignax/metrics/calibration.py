@@ -128,6 +128,15 @@ def binned_ece(confidences: jax.Array, correct: jax.Array, *, n_bins: int = 15,
     return jnp.sum(jnp.abs(gap)) / jnp.maximum(jnp.sum(count), 1.0)
 
 
+def _probs_for_labels(probs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Checks probs [B, N] against labels [B] and returns probs as float32."""
+    check_rank("probs", probs, 2)
+    check_rank("labels", labels, 1)
+    if jnp.shape(labels)[0] != jnp.shape(probs)[0]:
+        raise ValueError(f"labels {jnp.shape(labels)} and probs {jnp.shape(probs)} disagree on B")
+    return as_float32(probs)
+
+
 def top_label_ece(probs: jax.Array, labels: jax.Array, *, n_bins: int = 15,
                   where: jax.Array | None = None) -> jax.Array:
     """Standard top-label ECE (Guo et al., 2017): predict argmax_y probs, bin its probability.
@@ -141,11 +150,7 @@ def top_label_ece(probs: jax.Array, labels: jax.Array, *, n_bins: int = 15,
     Returns:
       Scalar float32.
     """
-    check_rank("probs", probs, 2)
-    check_rank("labels", labels, 1)
-    if jnp.shape(labels)[0] != jnp.shape(probs)[0]:
-        raise ValueError(f"labels {jnp.shape(labels)} and probs {jnp.shape(probs)} disagree on B")
-    p = as_float32(probs)
+    p = _probs_for_labels(probs, labels)
     pred = jnp.argmax(p, axis=-1)  # [B]
     return binned_ece(jnp.max(p, axis=-1), pred == labels, n_bins=n_bins, where=where)
 
@@ -167,11 +172,7 @@ def sampled_ece(probs: jax.Array, labels: jax.Array, *, key: jax.Array, n_bins: 
     Returns:
       Scalar float32.
     """
-    check_rank("probs", probs, 2)
-    check_rank("labels", labels, 1)
-    if jnp.shape(labels)[0] != jnp.shape(probs)[0]:
-        raise ValueError(f"labels {jnp.shape(labels)} and probs {jnp.shape(probs)} disagree on B")
-    p = as_float32(probs)
+    p = _probs_for_labels(probs, labels)
     pred = jax.random.categorical(key, jnp.log(p), axis=-1)  # [B], y_hat ~ pi(.|x)
     conf = jnp.take_along_axis(p, pred[:, None], axis=-1)[:, 0]  # [B]
     return binned_ece(conf, pred == labels, n_bins=n_bins, where=where)
