@@ -142,9 +142,10 @@ def train(step: Callable, state: Any, batches: Iterator[dict], *, num_steps: int
             if on_step is not None:
                 on_step(index + 1, metrics)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}",
-                            margin=f"{metrics.get('rewards/margins', float('nan')):.3f}",
-                            acc=f"{metrics.get('rewards/accuracies', float('nan')):.2f}")
+            live = {"loss": ("loss", ".4f"), "margin": ("rewards/margins", ".3f"),
+                    "acc": ("rewards/accuracies", ".2f")}  # objectives without pairs (SFT) omit some
+            bar.set_postfix({label: format(metrics[key], spec) for label, (key, spec) in live.items()
+                             if key in metrics})
             if checkpointer is not None:
                 checkpointer.save(index + 1, state, data_state=data_state,
                                   force=index + 1 == num_steps)
