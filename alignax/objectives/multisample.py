@@ -71,8 +71,8 @@ def _member_values(div, h, mask):
     float32 for h below about -88/a while its log magnitude does not.
     """
     h = jnp.where(mask, as_float32(h), 0.0)  # first where: padded garbage never enters math
-    if div.name in ("forward_kl", "alpha"):
-        a = 1.0 if div.name == "forward_kl" else div.alpha
+    if div.power is not None:  # forward KL (a = 1) / alpha
+        a = div.power
         log_mag = -a * h - jnp.log(a)  # log |f'(u) - 1/a| = log(u^-a / a)
         return -jnp.ones_like(h), log_mag
     g = h if div.name == "reverse_kl" else jax.nn.log_sigmoid(h)  # jsd: log(2u/(1+u)) - log 2
@@ -112,7 +112,7 @@ def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=None):
     a margin so large that -log sigmoid(beta margin) underflows to 0; their margin reads 0.
     """
     empty, cm, rm = _safe_masks(chosen_mask, rejected_mask)
-    if div.name in ("reverse_kl", "jsd"):
+    if div.power is None:  # reverse KL, JSD
         means = []
         for h, mask, safe in ((chosen_h, chosen_mask, cm), (rejected_h, rejected_mask, rm)):
             g, _ = _member_values(div, h, mask)
@@ -120,7 +120,7 @@ def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=None):
             means.append(jnp.sum(weight * g, axis=-1))  # weight first: no overflow of the sum
         return jnp.where(empty, 0.0, means[0] - means[1]), empty
     # mean_k f'(u_k) = f'(u_eff), log u_eff = -(1/a) log mean_k u_k^(-a): a log-mean-exp.
-    a = 1.0 if div.name == "forward_kl" else div.alpha
+    a = div.power
     h_eff = []
     for h, mask, safe in ((chosen_h, chosen_mask, cm), (rejected_h, rejected_mask, rm)):
         x = jnp.where(mask, -a * as_float32(h), 0.0)  # -a h, [B, N]
