@@ -1,29 +1,41 @@
-"""alignax's DPO train step vs Hugging Face TRL's `DPOTrainer`, side by side on this CPU.
+"""alignax's DPO train step vs Hugging Face TRL's `DPOTrainer`, side by side on one machine.
 
-    .venv/bin/python benchmarks/trl_dpo.py                 # vocab 4096 and 32768, both frameworks
+    .venv/bin/python benchmarks/trl_dpo.py                 # CPU preset: vocab 4096 and 32768
     .venv/bin/python benchmarks/trl_dpo.py --vocabs 4096 --steps 8
+    python benchmarks/trl_dpo.py --preset gpu-1b           # on a GPU: ~1B Llama, bf16, seq 1024
 
-Same model and settings in both: a Llama with hidden 256, 4 layers, 8 heads, 4 KV heads, MLP
-688 (vocab 4096, plus a 32k variant); 8 preference pairs of 64 prompt + 64 response tokens
-(chosen and rejected scored in one concatenated [16, 128] forward pass in both); float32;
-AdamW with global-norm clipping 1.0; beta 0.1; the frozen reference recomputed every step;
-TRL with gradient checkpointing off. Each framework runs in its own subprocess, so its peak
-resident memory (ru_maxrss) is its own. Timings are per optimizer step after `--warmup` steps:
-the median gives tokens/s (policy tokens per step / step time). "compile" is alignax's first
-step (trace + XLA compile + run) and TRL's first step (no compile: eager warm-up).
+Same model and settings in both. The "cpu" preset: a Llama with hidden 256, 4 layers, 8
+heads, 4 KV heads, MLP 688 (vocab 4096, plus a 32k variant); 8 preference pairs of 64 prompt
++ 64 response tokens; float32. The "gpu-1b" preset: a TinyLlama-1.1B-shaped Llama (hidden
+2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32000), 8 pairs of 512 + 512 tokens,
+bfloat16 compute with float32 master weights in both (alignax `compute_dtype="bfloat16"`,
+TRL `bf16=True` autocast). Both: AdamW with global-norm clipping 1.0; beta 0.1; the frozen
+reference recomputed every step; TRL with gradient checkpointing off.
 
-Achieved FLOP/s counts the model FLOPs of a step analytically (policy forward + backward = 3x
-forward, plus one reference forward: 4 forward passes; a forward pass costs 2 FLOPs per
-multiply-add of every matmul, attention scores and values included over the full 128x128
-window) and divides by the median step time; the peak is the best float32 2048^3 matmul
-FLOP/s measured during the run (XLA in the alignax subprocesses, torch in the TRL ones, after
-each timed run). On a shared machine the load changes between measurements; the fraction is
-only meaningful on an otherwise idle machine. Prints a table and one JSON line.
+alignax runs twice: on the batch's unpacked rows ([16, 128] chosen and rejected rows, as TRL
+concatenates them), and with `StepConfig(share_prompt=True)`, where each pair's prompt is run
+once and both responses follow it in one packed row (`alignax.data.batching`). Both read the
+same `collate`d batch; the token count (tokens/s) is the unpacked one for every row, so the
+rows compare throughput on the same data. Each run is its own subprocess, so its peak
+resident memory (ru_maxrss) is its own. Timings are per optimizer step after `--warmup`
+steps: the median gives tokens/s. "compile" is alignax's first step (trace + XLA compile +
+run) and TRL's first step (no compile: eager warm-up).
+
+Achieved FLOP/s counts the model FLOPs of the UNPACKED step analytically (policy forward +
+backward = 3x forward, plus one reference forward: 4 forward passes; a forward pass costs 2
+FLOPs per multiply-add of every matmul, attention scores and values included over the full
+window) and divides by the median step time, so a row that skips work (shared prompt) shows
+a higher "useful" FLOP/s. The peak is the best 2048^3 (CPU, float32) or 8192^3 (GPU,
+bfloat16) matmul FLOP/s measured in the run (XLA for alignax, torch for TRL); on a GPU the
+table adds MFU against the device's nominal dense bf16 peak (`NOMINAL_PEAK`, or
+--peak-tflops). On a shared machine the load changes between measurements; the fractions
+are only meaningful on an otherwise idle machine. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -33,51 +45,82 @@ import sys
 import tempfile
 import time
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, MLP = 256, 4, 8, 4, 688
-PAIRS, PROMPT, RESPONSE = 8, 64, 64
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    vocabs: str  # default --vocabs
+    pairs: int
+    prompt: int
+    response: int
+    dtype: str  # compute dtype; master weights are float32 in both frameworks
+    chunk_size: int  # alignax chunked log-prob blocks
+    vocab_chunk_size: int
+
+
+PRESETS = {
+    "cpu": Preset(hidden=256, layers=4, heads=8, kv_heads=4, mlp=688, vocabs="4096,32768",
+                  pairs=8, prompt=64, response=64, dtype="float32", chunk_size=512,
+                  vocab_chunk_size=4096),
+    "gpu-1b": Preset(hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocabs="32000",
+                     pairs=8, prompt=512, response=512, dtype="bfloat16", chunk_size=4096,
+                     vocab_chunk_size=32000),
+}
+# Dense bf16 tensor-core peak FLOP/s by device name fragment (vendor data sheets, SXM parts).
+NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 BETA, LR = 0.1, 1e-6
 
 
-def llama_config(vocab: int):
+def llama_config(preset: Preset, vocab: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                       num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                       intermediate_size=MLP, max_position_embeddings=PROMPT + RESPONSE,
+    return LlamaConfig(vocab_size=vocab, hidden_size=preset.hidden,
+                       num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
+                       num_key_value_heads=preset.kv_heads, intermediate_size=preset.mlp,
+                       max_position_embeddings=preset.prompt + preset.response,
                        tie_word_embeddings=False, bos_token_id=None, eos_token_id=1,
                        pad_token_id=0)
 
 
-def forward_flops(vocab: int, sequences: int, length: int) -> float:
+def forward_flops(preset: Preset, vocab: int, sequences: int, length: int) -> float:
     """Matmul FLOPs of one forward pass over [sequences, length] tokens."""
-    head_dim = HIDDEN // HEADS
-    per_token = 2 * (HIDDEN * HEADS * head_dim + 2 * HIDDEN * KV_HEADS * head_dim  # q, k, v
-                     + HEADS * head_dim * HIDDEN + 3 * HIDDEN * MLP) * LAYERS      # o, mlp
-    per_token += 2 * 2 * length * HEADS * head_dim * LAYERS  # scores + weighted values
-    per_token += 2 * HIDDEN * vocab  # lm head
+    d, head_dim = preset.hidden, preset.hidden // preset.heads
+    per_token = 2 * (d * preset.heads * head_dim + 2 * d * preset.kv_heads * head_dim  # q, k, v
+                     + preset.heads * head_dim * d + 3 * d * preset.mlp) * preset.layers  # o, mlp
+    per_token += 2 * 2 * length * preset.heads * head_dim * preset.layers  # scores + values
+    per_token += 2 * d * vocab  # lm head
     return float(per_token * sequences * length)
 
 
-def step_flops(vocab: int) -> float:
+def step_flops(preset: Preset, vocab: int) -> float:
     """policy forward + backward (3 forwards) + reference forward = 4 forward passes."""
-    return 4 * forward_flops(vocab, 2 * PAIRS, PROMPT + RESPONSE)
+    return 4 * forward_flops(preset, vocab, 2 * preset.pairs, preset.prompt + preset.response)
 
 
-def token_batch(vocab: int, seed: int = 0):
+def token_batch(preset: Preset, vocab: int, seed: int = 0):
+    """Prompts [P, prompt] and chosen / rejected responses [P, response - 1] (+ eos later)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    prompt = rng.integers(2, vocab, (PAIRS, PROMPT))
-    return prompt, rng.integers(2, vocab, (PAIRS, RESPONSE - 1)), rng.integers(2, vocab, (PAIRS, RESPONSE - 1))
+    shape = (preset.pairs, preset.response - 1)
+    return (rng.integers(2, vocab, (preset.pairs, preset.prompt)), rng.integers(2, vocab, shape),
+            rng.integers(2, vocab, shape))
 
 
 # --------------------------------------------------------------------------- alignax
 
-def run_alignax(vocab: int, steps: int, warmup: int) -> dict:
+def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
+                share_prompt: bool) -> dict:
     import jax
     import numpy as np
     from flax import nnx
 
+    from alignax.data import TokenizedExample
+    from alignax.data.batching import collate
     from alignax.models import create
     from alignax.training.mesh import global_batch, make_mesh
     from alignax.training.objectives import ObjectiveConfig, make_objective
@@ -86,22 +129,24 @@ def run_alignax(vocab: int, steps: int, warmup: int) -> dict:
     from alignax.training.step import StepConfig, make_train_step
 
     mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    graphdef, params, rest = split_model(create(llama_config(vocab), rngs=nnx.Rngs(0)))
+    graphdef, params, rest = split_model(create(llama_config(preset, vocab), rngs=nnx.Rngs(0)))
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=LR, max_grad_norm=1.0))
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
     reference = jax.tree.map(lambda x: x.copy(), state.params)
+    config = StepConfig(chunk_size=preset.chunk_size, vocab_chunk_size=preset.vocab_chunk_size,
+                        compute_dtype=preset.dtype, share_prompt=share_prompt)
     step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="dpo", beta=BETA)),
                            optimizer, schedule, mesh=mesh, state_shardings=shardings,
-                           model_state=rest,
-                           config=StepConfig(chunk_size=512, vocab_chunk_size=4096))
-    prompt, chosen, rejected = token_batch(vocab)
-    length = PROMPT + RESPONSE
-    batch = {}
-    for role, response in (("chosen", chosen), ("rejected", rejected)):
-        ids = np.concatenate([prompt, response, np.ones((PAIRS, 1), int)], 1).astype(np.int32)  # + eos
-        batch[f"{role}_input_ids"] = ids
-        batch[f"{role}_attention_mask"] = np.ones_like(ids)
-        batch[f"{role}_loss_mask"] = np.arange(length)[None].repeat(PAIRS, 0) >= PROMPT
+                           model_state=rest, config=config)
+    eos = np.ones(1, np.int32)
+    examples = [TokenizedExample(index=i, prompt_ids=p.astype(np.int32),
+                                 responses={"chosen": (np.concatenate([c, eos]),),
+                                            "rejected": (np.concatenate([r, eos]),)},
+                                 rewards={}, bin=None)
+                for i, (p, c, r) in enumerate(zip(*token_batch(preset, vocab)))]
+    length = preset.prompt + preset.response
+    batch = collate(examples, buckets=(length,), prompt_buckets=(preset.prompt,), pad_token_id=0,
+                    share_prompt=share_prompt)
     batch = global_batch(batch, mesh)
     times = []
     for _ in range(warmup + steps):
@@ -110,7 +155,7 @@ def run_alignax(vocab: int, steps: int, warmup: int) -> dict:
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - began)
     return {"first_step_s": times[0], "step_times": times[warmup:],
-            "loss": float(metrics["loss"])}
+            "loss": float(metrics["loss"]), "num_tokens": float(metrics["num_tokens"])}
 
 
 # --------------------------------------------------------------------------- TRL
@@ -126,7 +171,7 @@ def word_tokenizer(vocab: int):
                                    unk_token="w0")
 
 
-def run_trl(vocab: int, steps: int, warmup: int) -> dict:
+def run_trl(preset: Preset, vocab: int, steps: int, warmup: int) -> dict:
     import copy
 
     import torch
@@ -135,9 +180,11 @@ def run_trl(vocab: int, steps: int, warmup: int) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(vocab)).float()
+    gpu = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    model = LlamaForCausalLM(llama_config(preset, vocab)).float()  # float32 master weights
     reference = copy.deepcopy(model).eval()
-    prompt, chosen, rejected = token_batch(vocab)
+    prompt, chosen, rejected = token_batch(preset, vocab)
     words = lambda row: " ".join(f"w{i}" for i in row)  # noqa: E731
     dataset = Dataset.from_list([{"prompt": words(p), "chosen": " " + words(c),
                                   "rejected": " " + words(r)}
@@ -148,26 +195,30 @@ def run_trl(vocab: int, steps: int, warmup: int) -> dict:
             self.times, self.began = [], 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            sync()
             self.began = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            sync()
             self.times.append(time.perf_counter() - self.began)
 
+    length = preset.prompt + preset.response
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=warmup + steps,
-                         learning_rate=LR, lr_scheduler_type="constant", optim="adamw_torch",
-                         max_grad_norm=1.0, beta=BETA, loss_type=["sigmoid"],
-                         activation_checkpointing=False, use_cpu=True, bf16=False,
-                         precompute_ref_log_probs=False, max_length=PROMPT + RESPONSE,
-                         report_to="none", save_strategy="no", logging_steps=10 ** 6,
-                         disable_tqdm=True, dataloader_num_workers=0, seed=0)
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=preset.pairs,
+                         max_steps=warmup + steps, learning_rate=LR, lr_scheduler_type="constant",
+                         optim="adamw_torch", max_grad_norm=1.0, beta=BETA,
+                         loss_type=["sigmoid"], activation_checkpointing=False, use_cpu=not gpu,
+                         bf16=preset.dtype == "bfloat16", precompute_ref_log_probs=False,
+                         max_length=length, report_to="none", save_strategy="no",
+                         logging_steps=10 ** 6, disable_tqdm=True, dataloader_num_workers=0,
+                         seed=0)
         timer = Timer()
         trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset,
                              processing_class=word_tokenizer(vocab), callbacks=[timer])
         batch = next(iter(trainer.get_train_dataloader()))
         shape = tuple(batch["input_ids"].shape)
-        if shape != (2 * PAIRS, PROMPT + RESPONSE):
-            raise RuntimeError(f"TRL batch is {shape}, expected {(2 * PAIRS, PROMPT + RESPONSE)}")
+        if shape != (2 * preset.pairs, length):
+            raise RuntimeError(f"TRL batch is {shape}, expected {(2 * preset.pairs, length)}")
         trainer.train()
     return {"first_step_s": timer.times[0], "step_times": timer.times[warmup:],
             "torch_threads": torch.get_num_threads()}
@@ -175,93 +226,137 @@ def run_trl(vocab: int, steps: int, warmup: int) -> dict:
 
 # --------------------------------------------------------------------------- peak and driver
 
-def matmul_peak(framework: str) -> float:
-    """Best float32 FLOP/s of a 2048^3 matmul in this process (XLA for alignax, torch for TRL;
-    best of 7 after a warm-up). The driver takes the max over all measurements of the run."""
-    n = 2048
+def matmul_peak(framework: str) -> dict:
+    """Best matmul FLOP/s in this process: float32 2048^3 on a CPU, bfloat16 8192^3 on a GPU
+    (XLA for alignax, torch for TRL; best of 7 after a warm-up), and the device's name."""
     if framework == "alignax":
         import jax
         import jax.numpy as jnp
 
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        device = jax.devices()[0]
+        gpu = device.platform == "gpu"
+        n, dtype = (8192, jnp.bfloat16) if gpu else (2048, jnp.float32)
+        a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         matmul = jax.jit(lambda x: x @ x)
         run = lambda: matmul(a).block_until_ready()  # noqa: E731
+        name = device.device_kind
     else:
         import torch
 
-        t = torch.randn(n, n)
-        run = lambda: torch.mm(t, t)  # noqa: E731
+        gpu = torch.cuda.is_available()
+        n, dtype = (8192, torch.bfloat16) if gpu else (2048, torch.float32)
+        t = torch.randn(n, n, dtype=dtype, device="cuda" if gpu else "cpu")
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        run = lambda: (torch.mm(t, t), sync())  # noqa: E731
+        name = torch.cuda.get_device_name() if gpu else "cpu"
     run()
     times = []
     for _ in range(7):
         began = time.perf_counter()
         run()
         times.append(time.perf_counter() - began)
-    return 2 * n ** 3 / min(times)
+    return {"flops": 2 * n ** 3 / min(times), "device": name, "gpu": gpu}
 
 
-def child(framework: str, vocab: int, steps: int, warmup: int) -> dict:
-    result = {"alignax": run_alignax, "trl": run_trl}[framework](vocab, steps, warmup)
+RUNS = {  # label -> (framework, alignax share_prompt)
+    "alignax": ("alignax", False),
+    "alignax shared-prompt": ("alignax", True),
+    "trl": ("trl", False),
+}
+
+
+def child(run: str, preset: Preset, vocab: int, steps: int, warmup: int) -> dict:
+    framework, share = RUNS[run]
+    if framework == "alignax":
+        result = run_alignax(preset, vocab, steps, warmup, share_prompt=share)
+    else:
+        result = run_trl(preset, vocab, steps, warmup)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["matmul_flops"] = matmul_peak(framework)  # after the RSS reading: not counted in it
+    result["matmul"] = matmul_peak(framework)  # after the RSS reading: not counted in it
     return result
 
 
-def measure(framework: str, vocab: int, steps: int, warmup: int) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--child", framework,
+def measure(run: str, preset_name: str, vocab: int, steps: int, warmup: int) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", run, "--preset", preset_name,
                "--vocabs", str(vocab), "--steps", str(steps), "--warmup", str(warmup)]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
-        raise RuntimeError(f"{framework} (vocab {vocab}) failed:\n{done.stdout[-3000:]}\n"
+        raise RuntimeError(f"{run} (vocab {vocab}) failed:\n{done.stdout[-3000:]}\n"
                            f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def nominal_peak(device: str, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    return next((peak for key, peak in NOMINAL_PEAK.items() if key in device), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocabs", default="4096,32768")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--vocabs", default=None, help="comma-separated (default: the preset's)")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"any of {', '.join(RUNS)}")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--child", choices=("alignax", "trl"))
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="nominal bf16 peak for MFU on a GPU not in NOMINAL_PEAK")
+    parser.add_argument("--child", choices=sorted(RUNS))
     args = parser.parse_args()
-    vocabs = [int(v) for v in args.vocabs.split(",")]
+    preset = PRESETS[args.preset]
+    vocabs = [int(v) for v in (args.vocabs or preset.vocabs).split(",")]
     if args.child:
-        print(json.dumps(child(args.child, vocabs[0], args.steps, args.warmup)))
+        print(json.dumps(child(args.child, preset, vocabs[0], args.steps, args.warmup)))
         return
-    tokens = 2 * PAIRS * (PROMPT + RESPONSE)
-    rows, report = [], {"benchmark": "trl_dpo", "tokens_per_step": tokens,
-                        "load_average_start": os.getloadavg(), "cpus": os.cpu_count(),
-                        "results": {}}
-    peaks = []
+    runs = args.runs.split(",")
+    unknown = set(runs) - set(RUNS)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+    tokens = 2 * preset.pairs * (preset.prompt + preset.response)
+    rows, report = [], {"benchmark": "trl_dpo", "preset": dataclasses.asdict(preset),
+                        "tokens_per_step": tokens, "load_average_start": os.getloadavg(),
+                        "cpus": os.cpu_count(), "results": {}}
+    peaks, devices, on_gpu = [], set(), False
     for vocab in vocabs:
         entry = {}
-        for framework in ("alignax", "trl"):
-            result = measure(framework, vocab, args.steps, args.warmup)
-            peaks.append(result["matmul_flops"])
+        for run in runs:
+            result = measure(run, args.preset, vocab, args.steps, args.warmup)
+            peaks.append(result["matmul"]["flops"])
+            devices.add(result["matmul"]["device"])
+            on_gpu |= result["matmul"]["gpu"]
             median = statistics.median(result["step_times"])
-            entry[framework] = {"tokens_per_s": tokens / median, "median_step_s": median,
-                                "first_step_s": result["first_step_s"],
-                                "peak_rss_mib": result["peak_rss_mib"],
-                                "flops": step_flops(vocab) / median}
-            rows.append((vocab, framework, entry[framework]))
-        entry["speedup"] = entry["alignax"]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
+            entry[run] = {"tokens_per_s": tokens / median, "median_step_s": median,
+                          "first_step_s": result["first_step_s"],
+                          "peak_rss_mib": result["peak_rss_mib"],
+                          "flops": step_flops(preset, vocab) / median}
+            rows.append((vocab, run, entry[run]))
+        if "trl" in entry:
+            for run in entry:
+                if run != "trl":
+                    entry[run]["speedup"] = entry[run]["tokens_per_s"] / entry["trl"]["tokens_per_s"]
         report["results"][str(vocab)] = entry
     peak = max(peaks)
+    nominal = nominal_peak(" ".join(sorted(devices)), args.peak_tflops) if on_gpu else None
     for _, _, r in rows:
         r["fraction_of_peak"] = r["flops"] / peak
-    report["matmul_peak_flops"] = peak
-    report["load_average_end"] = os.getloadavg()
-    print(f"float32 matmul peak on this CPU: {peak / 1e9:.1f} GFLOP/s; "
+        if nominal:
+            r["mfu"] = r["flops"] / nominal
+    report.update(matmul_peak_flops=peak, nominal_peak_flops=nominal, devices=sorted(devices),
+                  load_average_end=os.getloadavg())
+    kind = "bfloat16" if on_gpu else "float32"
+    print(f"{kind} matmul peak measured: {peak / 1e9:.1f} GFLOP/s on {', '.join(sorted(devices))}; "
           f"load average {os.getloadavg()[0]:.1f}; {tokens} tokens per step")
-    print(f"| vocab | framework | tokens/s | median step (s) | first step / compile (s) | "
-          f"peak RSS (MiB) | GFLOP/s | of peak | alignax / TRL |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for vocab, framework, r in rows:
-        ratio = f"{report['results'][str(vocab)]['speedup']:.2f}x" if framework == "alignax" else ""
-        print(f"| {vocab} | {framework} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} | "
+    mfu_head = " MFU |" if nominal else ""
+    print(f"| vocab | run | tokens/s | median step (s) | first step / compile (s) | "
+          f"peak RSS (MiB) | GFLOP/s | of measured peak |{mfu_head} vs TRL |")
+    print("|---" * (9 + bool(nominal)) + "|")
+    for vocab, run, r in rows:
+        ratio = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        mfu = f" {r['mfu']:.1%} |" if nominal else ""
+        print(f"| {vocab} | {run} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.3f} | "
               f"{r['first_step_s']:.2f} | {r['peak_rss_mib']:.0f} | {r['flops'] / 1e9:.1f} | "
-              f"{r['fraction_of_peak']:.1%} | {ratio} |")
+              f"{r['fraction_of_peak']:.1%} |{mfu} {ratio} |")
     print(json.dumps(report))
 
 

@@ -13,6 +13,23 @@ role r ("chosen", "rejected", "response_1", "response_2"):
 plus "prompt_input_ids"/"prompt_attention_mask" [B, P] (LEFT-padded, for generation),
 "record_index" [B] int32, and when present "bin" [B] int32 and
 "target_rewards_1"/"target_rewards_2" ([B] for a scalar column, [E, B] for a list column).
+
+With `share_prompt=True` each example's M responses (every role's K members, roles in sorted
+order) also follow ONE copy of its prompt in a packed row, so the prompt is run through the
+model once instead of M times (`alignax.training.step.StepConfig.share_prompt`):
+
+    packed_input_ids       [B, L] int32  prompt, response 1, ..., response M, right-padded
+    packed_attention_mask  [B, L] int32  1 on real tokens
+    packed_positions       [B, L] int32  prompt 0..p-1; every response counts on from p
+    packed_segment_ids     [B, L] int32  0 on the prompt (and padding), m on response m
+    packed_score_index     [B, M, R] int32  index in the row of the hidden state that predicts
+                                            token i of response m (the prompt's last token
+                                            for i = 0)
+    packed_score_targets   [B, M, R] int32  token i of response m
+    packed_score_mask      [B, M, R] bool   True on the tokens to score
+
+Summing log-probs over `packed_score_mask` gives the same [B, M] values as scoring the M
+unpacked rows (the roles' "loss_mask" tokens).
 """
 
 from __future__ import annotations
@@ -72,9 +89,68 @@ def _pad_sequences(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray
     return ids, attention, loss
 
 
+def _packed_buckets(largest: int, *, smallest: int) -> tuple[int, ...]:
+    """Powers of two from `smallest` and 1.5 times each, below `largest`, then `largest`.
+
+    >>> _packed_buckets(256, smallest=32)
+    (32, 48, 64, 96, 128, 192, 256)
+    """
+    powers = bucket_lengths(largest, smallest=smallest)
+    return tuple(sorted({*powers, *(b * 3 // 2 for b in powers[:-1] if b * 3 // 2 < largest)}))
+
+
+def _pack_shared_prompt(prompts: Sequence[np.ndarray],
+                        members: Sequence[Sequence[np.ndarray | None]], *,
+                        buckets: Sequence[int], pad_token_id: int) -> dict[str, np.ndarray]:
+    """The "packed_*" columns (module docstring) of B prompts, each followed by its M members
+    (None: an absent group member, no tokens).
+
+    The packed length L and the response width R are padded to a power of two or 1.5 times
+    one (`_packed_buckets`): finer steps than the rows' buckets, because every padded slot of
+    L runs through the whole model and every one of R through the unembedding.
+    """
+    n, m = len(prompts), len(members[0])
+    row_lengths = [len(p) + sum(0 if r is None else len(r) for r in rs)
+                   for p, rs in zip(prompts, members)]
+    length = bucket_for(max(row_lengths), _packed_buckets(m * buckets[-1], smallest=buckets[0]))
+    longest = max((len(r) for rs in members for r in rs if r is not None), default=1)
+    width = bucket_for(longest, _packed_buckets(buckets[-1], smallest=min(8, buckets[0])))
+    ids = np.full((n, length), pad_token_id, dtype=np.int32)
+    attention = np.zeros((n, length), dtype=np.int32)
+    positions = np.zeros((n, length), dtype=np.int32)
+    segments = np.zeros((n, length), dtype=np.int32)
+    index = np.zeros((n, m, width), dtype=np.int32)
+    targets = np.full((n, m, width), pad_token_id, dtype=np.int32)
+    score = np.zeros((n, m, width), dtype=bool)
+    for j, (prompt, responses) in enumerate(zip(prompts, members)):
+        p = len(prompt)
+        ids[j, :p] = prompt
+        positions[j, :p] = np.arange(p)
+        start = p
+        for k, response in enumerate(responses):
+            if response is None or len(response) == 0:
+                continue
+            r = len(response)
+            ids[j, start:start + r] = response
+            positions[j, start:start + r] = p + np.arange(r)
+            segments[j, start:start + r] = k + 1
+            # Token i is predicted by the hidden state before it: the prompt's last for i = 0.
+            index[j, k, :r] = np.concatenate([[max(p - 1, 0)], start + np.arange(r - 1)])
+            targets[j, k, :r] = response
+            score[j, k, :r] = True
+            score[j, k, 0] = p > 0  # as unpacked: nothing predicts a row's very first token
+            start += r
+        attention[j, :start] = 1
+    return {"packed_input_ids": ids, "packed_attention_mask": attention,
+            "packed_positions": positions, "packed_segment_ids": segments,
+            "packed_score_index": index, "packed_score_targets": targets,
+            "packed_score_mask": score}
+
+
 def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
             prompt_buckets: Sequence[int], pad_token_id: int,
-            group_sizes: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+            group_sizes: Mapping[str, int] | None = None,
+            share_prompt: bool = False) -> dict[str, np.ndarray]:
     """Stacks examples into one padded batch (the keys are listed in the module docstring).
 
     Args:
@@ -84,6 +160,7 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
       pad_token_id: the id written at padded positions.
       group_sizes: role -> K for grouped data (every example padded to K members); None for
         one response per role.
+      share_prompt: also emit the "packed_*" columns: one prompt followed by all responses.
     """
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
@@ -125,6 +202,14 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
     batch["record_index"] = np.array([ex.index for ex in examples], dtype=np.int32)
     if examples[0].bin is not None:
         batch["bin"] = np.array([ex.bin for ex in examples], dtype=np.int32)
+    if share_prompt:
+        sizes = {role: 1 if group_sizes is None else group_sizes[role] for role in roles}
+        members = [[r for role in sorted(roles)
+                    for r in tuple(ex.responses[role]) + (None,) * (sizes[role]
+                                                                     - len(ex.responses[role]))]
+                   for ex in examples]
+        batch.update(_pack_shared_prompt([ex.prompt_ids for ex in examples], members,
+                                         buckets=buckets, pad_token_id=pad_token_id))
     for role, key in REWARD_KEYS.items():
         if role in examples[0].rewards:
             # [B] for scalar rewards; [B, E] -> [E, B] for an ensemble's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,17 +52,22 @@ class PreferenceDataset(Sequence[TokenizedExample]):
     def __getitem__(self, i):
         return self.examples[i]
 
-    def collate(self, examples: Sequence[TokenizedExample]) -> dict:
-        """Pads `examples` into one batch (see `alignax.data.batching`)."""
+    def collate(self, examples: Sequence[TokenizedExample], *,
+                share_prompt: bool = False) -> dict:
+        """Pads `examples` into one batch (see `alignax.data.batching`); `share_prompt` adds
+        the packed one-prompt-many-responses columns."""
         return collate(examples, buckets=self.buckets, prompt_buckets=self.prompt_buckets,
-                       pad_token_id=self.pad_token_id, group_sizes=self.group_sizes)
+                       pad_token_id=self.pad_token_id, group_sizes=self.group_sizes,
+                       share_prompt=share_prompt)
 
     def batches(self, *, batch_size: int, seed: int, shuffle: bool = True,
                 num_epochs: int | None = None, drop_remainder: bool = True, shard_index: int = 0,
-                shard_count: int = 1,
-                read_options: grain.ReadOptions | None = None) -> BatchIterator:
-        """A seeded, resumable iterator of padded batches (`alignax.data.iterator`)."""
-        return BatchIterator(self.examples, self.collate, batch_size=batch_size, seed=seed,
+                shard_count: int = 1, read_options: grain.ReadOptions | None = None,
+                share_prompt: bool = False) -> BatchIterator:
+        """A seeded, resumable iterator of padded batches (`alignax.data.iterator`); set
+        `share_prompt` for a step with `StepConfig(share_prompt=True)`."""
+        collate_fn = functools.partial(self.collate, share_prompt=share_prompt)
+        return BatchIterator(self.examples, collate_fn, batch_size=batch_size, seed=seed,
                              shuffle=shuffle, num_epochs=num_epochs,
                              drop_remainder=drop_remainder, shard_index=shard_index,
                              shard_count=shard_count, read_options=read_options)

@@ -76,14 +76,19 @@ class CausalLM(nnx.Module):
         return input_ids, attention_mask, positions.astype(jnp.int32)
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None) -> jax.Array:
+                      positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
         """input_ids [B, T] -> final hidden states [B, T, D] (after the last norm).
 
         `logits == hidden_states(...) @ unembedding()`; the trainer feeds these two to
         `alignax.logprobs.chunked_sequence_logprobs` to avoid materialising [B, T, V].
+        `segment_ids` [B, T] int packs several continuations of one prefix in a row: segment 0
+        is read by every token, segment j > 0 only by itself (see `make_mask`); give each
+        continuation its own `positions`, counted on from the end of the prefix.
         """
         input_ids, mask, positions = self._inputs(input_ids, attention_mask, positions)
-        full = make_mask(self.arch, positions, positions, mask)  # [B, T, T]
+        full = make_mask(self.arch, positions, positions, mask,
+                         segment_ids=segment_ids)  # [B, T, T]
         hidden, _ = self._body(input_ids, positions, full, None, None)
         return hidden
 

@@ -6,6 +6,7 @@ models' logical partition rules (`alignax.models.partitioning.DEFAULT_RULES`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -59,30 +60,65 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def initialize_distributed() -> None:
     """Calls `jax.distributed.initialize()` when launched as one process of a multi-host job.
 
-    Multi-host launchers (SLURM, TPU pods, `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` +
-    `JAX_PROCESS_ID`) are detected by JAX itself; on a single host this is a no-op, so
-    experiments call it unconditionally before touching any device.
+    SLURM and TPU pods are detected by JAX itself. A manual launch sets
+    `JAX_COORDINATOR_ADDRESS` + `JAX_NUM_PROCESSES` + `JAX_PROCESS_ID` on every process; JAX
+    reads only the address from the environment, so the other two are passed here. On a single
+    host this is a no-op, so experiments call it unconditionally before touching any device.
+
+    Raises:
+      ValueError: if `JAX_NUM_PROCESSES` or `JAX_PROCESS_ID` is not an integer.
     """
     launchers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES",
                  "MEGASCALE_COORDINATOR_ADDRESS")
-    multi = any(name in os.environ for name in launchers)
-    if multi and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not any(name in os.environ for name in launchers) or jax.distributed.is_initialized():
+        return
+    manual = {}
+    for argument, variable in (("num_processes", "JAX_NUM_PROCESSES"),
+                               ("process_id", "JAX_PROCESS_ID")):
+        if variable in os.environ:
+            try:
+                manual[argument] = int(os.environ[variable])
+            except ValueError:
+                raise ValueError(f"{variable} must be an integer, got "
+                                 f"{os.environ[variable]!r}") from None
+    jax.distributed.initialize(**manual)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Turns this process's slice of the batch into global arrays sharded over the batch axes.
 
     Each process passes the rows it loaded ([B / num_processes, ...] per column); the result
-    is one [B, ...] global array per column, laid out by `batch_sharding(mesh)`. On one host
-    this is a plain sharded `device_put`.
+    is one [B, ...] global array per column, laid out by `batch_sharding(mesh)`, with each
+    process's rows at the positions of its devices on the batch axes (process order for
+    `make_mesh`). On one host this is a plain sharded `device_put`.
 
     Args:
       local_batch: column name -> numpy array whose leading dim is the per-process batch.
       mesh: the training mesh.
+
+    Raises:
+      ValueError: on several processes, if the mesh's batch axes do not split the batch
+        between the processes (e.g. (1, 1, n) with "tensor" across hosts): the processes
+        would then hold replicas of the same rows, and disjoint local rows would silently
+        make inconsistent replicas.
     """
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return {k: jax.device_put(np.asarray(v), sharding) for k, v in local_batch.items()}
+    for k, v in local_batch.items():
+        if not _rows_split_over_processes(sharding, len(v) * jax.process_count()):
+            raise ValueError(f"global_batch: column {k!r}: the batch axes {BATCH_AXES} of mesh "
+                             f"{dict(mesh.shape)} do not split the batch between the "
+                             f"{jax.process_count()} processes; put the processes on "
+                             f"'data' or 'fsdp'")
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_split_over_processes(sharding: NamedSharding, rows: int) -> bool:
+    """Whether every block of batch rows of `sharding` lives on the devices of one process."""
+    owners: dict[tuple[int, int, int], set[int]] = {}
+    for device, index in sharding.devices_indices_map((rows,)).items():
+        owners.setdefault(index[0].indices(rows), set()).add(device.process_index)
+    return all(len(processes) == 1 for processes in owners.values())

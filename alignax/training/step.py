@@ -39,6 +39,10 @@ class StepConfig:
     compute_dtype: "float32" or "bfloat16" activations/matmuls; the master parameters,
       optimizer state, log-probs and losses stay float32.
     chunk_size / vocab_chunk_size: `chunked_sequence_logprobs` blocks.
+    share_prompt: score every role from the batch's packed rows (one copy of the prompt, then
+      all responses; `alignax.data.batching`, `collate(share_prompt=True)`), so the prompt
+      runs through the policy and the reference once instead of once per response. Same
+      log-probs as the unpacked rows up to float32 rounding; log-prob objectives only.
     """
 
     grad_accum_steps: int = 1
@@ -46,6 +50,7 @@ class StepConfig:
     compute_dtype: str = "float32"
     chunk_size: int = 1024
     vocab_chunk_size: int | None = 8192
+    share_prompt: bool = False
 
 
 def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
@@ -82,6 +87,56 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
         out[role] = logps[start:start + size].reshape(lead)  # [N_role] -> [B] or [B, K]
         start += size
     return out
+
+
+def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...],
+                         *, chunk_size: int, vocab_chunk_size: int | None
+                         ) -> dict[str, jax.Array]:
+    """`role_logprobs` from the batch's shared-prompt rows ("packed_*" columns).
+
+    One forward pass over [B, L] packed rows (segment mask: each response reads the prompt
+    and itself), then only the hidden states that predict response tokens are gathered,
+    [B, M, R, D], and scored: prompt tokens never reach the unembedding.
+
+    Args:
+      model: a CausalLM.
+      batch: the packed columns of `alignax.data.batching` plus each role's
+        f"{role}_loss_mask" ([B, T] or [B, K, T]), whose presence and shape say which roles,
+        with how many members, the packed rows hold (in sorted role order).
+      roles: the roles to return.
+
+    Returns:
+      role -> [B] (or [B, K]) float32 summed response-token log-probs.
+    """
+    missing = [k for k in ("packed_input_ids", "packed_score_index") if k not in batch]
+    if missing:
+        raise ValueError(f"share_prompt needs the packed columns {missing}: collate the batch "
+                         "with share_prompt=True (PreferenceDataset.batches(share_prompt=True))")
+    packed = sorted(k[:-len("_loss_mask")] for k in batch if k.endswith("_loss_mask"))
+    sizes = {r: batch[f"{r}_loss_mask"].shape[1] if batch[f"{r}_loss_mask"].ndim == 3 else 1
+             for r in packed}
+    index = batch["packed_score_index"]  # [B, M, R]
+    b, m, width = index.shape
+    if sum(sizes.values()) != m or not set(roles) <= set(packed):
+        raise ValueError(f"packed rows hold {m} responses, but the batch's roles {sizes} "
+                         f"have {sum(sizes.values())}; roles asked for: {roles}")
+    hidden = model.hidden_states(batch["packed_input_ids"],
+                                 attention_mask=batch["packed_attention_mask"],
+                                 positions=batch["packed_positions"],
+                                 segment_ids=batch["packed_segment_ids"])  # [B, L, D]
+    scored = jnp.take_along_axis(hidden, index.reshape(b, m * width, 1), axis=1)  # [B, M*R, D]
+    logps = chunked_sequence_logprobs(
+        scored.reshape(b * m, width, hidden.shape[-1]), model.unembedding(),
+        batch["packed_score_targets"].reshape(b * m, width),
+        batch["packed_score_mask"].reshape(b * m, width),
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size).reshape(b, m)  # [B, M]
+    out, start = {}, 0
+    for role in packed:
+        if role in roles:
+            member = logps[:, start:start + sizes[role]]  # [B, K]
+            out[role] = member if batch[f"{role}_loss_mask"].ndim == 3 else member[:, 0]
+        start += sizes[role]
+    return {role: out[role] for role in roles}
 
 
 def role_rewards(model: nnx.Module, batch: dict[str, jax.Array],
@@ -133,7 +188,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
     The returned step: `state` is donated; `batch` is a dict of [B, ...] arrays sharded over
     ("data", "fsdp"); metrics are replicated float32 scalars: loss, the objective's metrics,
     logps/<role> (scores/<role> for a reward model), grad_norm (before clipping), lr,
-    num_tokens (policy tokens processed), and
+    num_tokens (the batch's tokens: each role's prompt + response, as unpacked, so
+    tokens/s compares across `share_prompt`), and
     update_applied (0 when a non-finite loss or gradient skipped the update).
     """
     if reference not in ("model", "cached"):
@@ -151,11 +207,16 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
             return nnx.merge(graphdef, compute_params)
         return nnx.merge(graphdef, compute_params, model_state)
 
+    if config.share_prompt and objective.scores == "rewards":
+        raise ValueError("share_prompt packs responses for log-prob objectives; a reward "
+                         f"model objective ({objective.name!r}) scores whole sequences")
+    score_roles = packed_role_logprobs if config.share_prompt else role_logprobs
+
     def policy_logps(params, batch):
         if objective.scores == "rewards":  # a RewardModel under training
             return role_rewards(merged(params), batch, roles)
-        return role_logprobs(merged(params), batch, roles, chunk_size=config.chunk_size,
-                             vocab_chunk_size=config.vocab_chunk_size)
+        return score_roles(merged(params), batch, roles, chunk_size=config.chunk_size,
+                           vocab_chunk_size=config.vocab_chunk_size)
 
     if config.remat is not None:
         policy_logps = jax.checkpoint(policy_logps, policy=REMAT_POLICIES[config.remat])
