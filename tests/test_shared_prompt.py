@@ -199,3 +199,20 @@ def test_shared_prompt_errors():
         step(state, plain, reference)
     with pytest.raises(ValueError, match="reward model"):
         _step(StepConfig(share_prompt=True), objective="bradley_terry")
+
+
+def test_cached_reference_logps_with_shared_prompt():
+    from alignax.data import PreferenceDataset, TruncationReport
+    from alignax.training.reference import compute_reference_logps
+
+    graphdef, params, rest = split_model(create(tiny_config("llama", vocab_size=VOCAB),
+                                                rngs=nnx.Rngs(4)))
+    dataset = PreferenceDataset(random_examples(7, seed=8), format="standard",
+                                report=TruncationReport(), pad_token_id=0, buckets=(16, 32),
+                                prompt_buckets=(16,), group_sizes=None)
+    tables = [compute_reference_logps(graphdef, params, dataset, ("chosen", "rejected"),
+                                      batch_size=4, model_state=rest, chunk_size=64,
+                                      share_prompt=share) for share in (False, True)]
+    for role in ("chosen", "rejected"):
+        assert tables[1][role].shape == (7,) and np.isfinite(tables[1][role]).all()
+        np.testing.assert_allclose(tables[1][role], tables[0][role], rtol=2e-5, atol=2e-5)

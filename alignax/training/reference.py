@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from alignax.training.state import cast_floating
-from alignax.training.step import role_logprobs
+from alignax.training.step import packed_role_logprobs, role_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,12 @@ def data_hash(examples: Sequence) -> str:
 
 def compute_reference_logps(graphdef: nnx.GraphDef, params: Any, dataset, roles: tuple[str, ...], *,
                             batch_size: int, model_state: Any = None, compute_dtype="float32",
-                            chunk_size: int = 1024,
-                            vocab_chunk_size: int | None = 8192) -> dict[str, np.ndarray]:
+                            chunk_size: int = 1024, vocab_chunk_size: int | None = 8192,
+                            share_prompt: bool = False) -> dict[str, np.ndarray]:
     """log pi_ref(response | prompt) of every example of `dataset` (an alignax PreferenceDataset).
+
+    `share_prompt` scores each example's responses after one copy of its prompt
+    (`alignax.training.step.packed_role_logprobs`): the same values up to float32 rounding.
 
     Returns:
       role -> [max record index + 1] float32 (NaN at indices of dropped records; grouped
@@ -77,20 +80,25 @@ def compute_reference_logps(graphdef: nnx.GraphDef, params: Any, dataset, roles:
         compute = cast_floating(params, compute_dtype)
         model = (nnx.merge(graphdef, compute) if model_state is None
                  else nnx.merge(graphdef, compute, model_state))
-        return role_logprobs(model, batch, roles, chunk_size=chunk_size,
-                             vocab_chunk_size=vocab_chunk_size)
+        score = packed_role_logprobs if share_prompt else role_logprobs
+        return score(model, batch, roles, chunk_size=chunk_size,
+                     vocab_chunk_size=vocab_chunk_size)
 
     size = max(ex.index for ex in dataset) + 1
     table: dict[str, np.ndarray] = {}
     batches = dataset.batches(batch_size=batch_size, seed=0, shuffle=False, num_epochs=1,
-                              drop_remainder=False)
+                              drop_remainder=False, share_prompt=share_prompt)
     for batch in batches:
         rows = len(batch["record_index"])
         if rows < batch_size:  # pad the last batch to the compiled size, drop the extra rows
             batch = {k: np.concatenate([v] + [v[-1:]] * (batch_size - rows)) if v.ndim and
                      v.shape[0] == rows else v for k, v in batch.items()}
-        keep = {f"{r}_{c}": batch[f"{r}_{c}"] for r in roles
-                for c in ("input_ids", "attention_mask", "loss_mask")}
+        if share_prompt:  # the packed rows hold every role; their loss masks say which
+            keep = {k: v for k, v in batch.items()
+                    if k.startswith("packed_") or k.endswith("_loss_mask")}
+        else:
+            keep = {f"{r}_{c}": batch[f"{r}_{c}"] for r in roles
+                    for c in ("input_ids", "attention_mask", "loss_mask")}
         out = jax.device_get(forward(params, keep))
         for role in roles:
             values = np.asarray(out[role])[:rows]
