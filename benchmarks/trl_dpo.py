@@ -9,8 +9,10 @@ heads, 4 KV heads, MLP 688 (vocab 4096, plus a 32k variant); 8 preference pairs 
 + 64 response tokens; float32. The "gpu-1b" preset: a TinyLlama-1.1B-shaped Llama (hidden
 2048, 22 layers, 32 heads, 4 KV heads, MLP 5632, vocab 32000), 8 pairs of 512 + 512 tokens,
 bfloat16 compute with float32 master weights in both (alignax `compute_dtype="bfloat16"`,
-TRL `bf16=True` autocast). Both: AdamW with global-norm clipping 1.0; beta 0.1; the frozen
-reference recomputed every step; TRL with gradient checkpointing off.
+TRL `bf16=True` autocast), alignax with `remat="dots"` (matmul outputs kept, attention
+probabilities recomputed, as torch's flash attention does). Both: AdamW with global-norm
+clipping 1.0; beta 0.1; the frozen reference recomputed every step; TRL with gradient
+checkpointing off.
 
 alignax runs twice: on the batch's unpacked rows ([16, 128] chosen and rejected rows, as TRL
 concatenates them), and with `StepConfig(share_prompt=True)`, where each pair's prompt is run
@@ -60,6 +62,7 @@ class Preset:
     dtype: str  # compute dtype; master weights are float32 in both frameworks
     chunk_size: int  # alignax chunked log-prob blocks
     vocab_chunk_size: int
+    remat: str | None = None  # alignax StepConfig.remat (extra recompute: only slows alignax)
 
 
 PRESETS = {
@@ -68,7 +71,9 @@ PRESETS = {
                   vocab_chunk_size=4096),
     "gpu-1b": Preset(hidden=2048, layers=22, heads=32, kv_heads=4, mlp=5632, vocabs="32000",
                      pairs=8, prompt=512, response=512, dtype="bfloat16", chunk_size=4096,
-                     vocab_chunk_size=32000),
+                     # alignax keeps attention probabilities for the backward pass (torch's
+                     # flash SDPA recomputes them): ~1 GB per layer here, so recompute them too
+                     vocab_chunk_size=32000, remat="dots"),
 }
 # Dense bf16 tensor-core peak FLOP/s by device name fragment (vendor data sheets, SXM parts).
 NOMINAL_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -134,7 +139,8 @@ def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
     reference = jax.tree.map(lambda x: x.copy(), state.params)
     config = StepConfig(chunk_size=preset.chunk_size, vocab_chunk_size=preset.vocab_chunk_size,
-                        compute_dtype=preset.dtype, share_prompt=share_prompt)
+                        compute_dtype=preset.dtype, share_prompt=share_prompt,
+                        remat=preset.remat)
     step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="dpo", beta=BETA)),
                            optimizer, schedule, mesh=mesh, state_shardings=shardings,
                            model_state=rest, config=config)
