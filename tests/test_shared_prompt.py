@@ -18,7 +18,7 @@ from alignax.data.batching import collate
 from alignax.models import create, tiny_config
 from alignax.models.attention import make_mask
 from alignax.models.config import ModelConfig
-from alignax.training.mesh import make_mesh
+from alignax.training.mesh import global_batch, make_mesh
 from alignax.training.objectives import ObjectiveConfig, make_objective
 from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
                                     split_model)
@@ -155,10 +155,10 @@ def test_a_response_never_sees_another():
     assert not np.allclose(first["chosen"], second["chosen"])
 
 
-def _step(config: StepConfig, objective: str = "dpo"):
-    model = create(tiny_config("llama", vocab_size=VOCAB), rngs=nnx.Rngs(0))
+def _step(config: StepConfig, objective: str = "dpo", mesh_shape=(1, 1, 1)):
+    mesh = make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    model = create(tiny_config("llama", vocab_size=VOCAB), rngs=nnx.Rngs(0), mesh=mesh)
     graphdef, params, rest = split_model(model)
-    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
     # A DPO-sized learning rate, as in tests/test_training.py: Adam turns a ~0 gradient into a
     # ~lr-sized update, so a large lr lets float32 rounding dominate parameter comparisons.
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-4))
@@ -167,32 +167,38 @@ def _step(config: StepConfig, objective: str = "dpo"):
     step = make_train_step(graphdef, make_objective(ObjectiveConfig(name=objective, beta=0.2)),
                            optimizer, schedule, mesh=mesh, state_shardings=shardings,
                            model_state=rest, config=config)
-    return step, state, jax.tree.map(jnp.copy, state.params)
+    return step, state, jax.tree.map(jnp.copy, state.params), mesh
 
 
 def test_train_step_with_shared_prompt_matches_the_unpacked_step():
+    """Unpacked on one device vs packed on one device and on a (2, 2, 2) mesh (batch, FSDP and
+    tensor parallel: the hidden-state gather runs on batch-sharded rows)."""
     batch = collate(random_examples(8, seed=6), buckets=(16, 32), prompt_buckets=(16,),
                     pad_token_id=0, share_prompt=True)
     results = {}
-    for share in (False, True):
-        step, state, reference = _step(StepConfig(chunk_size=64, share_prompt=share,
-                                                  grad_accum_steps=2))
+    for share, mesh_shape in ((False, (1, 1, 1)), (True, (1, 1, 1)), (True, (2, 2, 2))):
+        step, state, reference, mesh = _step(StepConfig(chunk_size=64, share_prompt=share,
+                                                        grad_accum_steps=2),
+                                             mesh_shape=mesh_shape)
         losses = []
         for _ in range(3):
-            state, metrics = step(state, batch, reference)
+            state, metrics = step(state, global_batch(batch, mesh), reference)
             losses.append(float(metrics["loss"]))
-        results[share] = (losses, state.params, metrics)
-    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
-    assert results[True][2]["num_tokens"] == results[False][2]["num_tokens"]
-    assert results[True][0][-1] < results[True][0][0]  # the run actually trains
-    # the sharding tests' criterion: each parameter tensor to 1e-5 relative (in norm)
-    errors = jax.tree.map(lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b),
-                          results[True][1], results[False][1])
-    assert max(jax.tree.leaves(errors)) <= 1e-5
+        results[share, mesh_shape] = (losses, jax.device_get(state.params), metrics)
+    unpacked = results[False, (1, 1, 1)]
+    assert unpacked[0][-1] < unpacked[0][0]  # the run actually trains
+    for key in ((True, (1, 1, 1)), (True, (2, 2, 2))):
+        losses, params, metrics = results[key]
+        np.testing.assert_allclose(losses, unpacked[0], rtol=1e-5)
+        assert float(metrics["num_tokens"]) == float(unpacked[2]["num_tokens"])
+        # the sharding tests' criterion: each parameter tensor to 1e-5 relative (in norm)
+        errors = jax.tree.map(lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b),
+                              params, unpacked[1])
+        assert max(jax.tree.leaves(errors)) <= 1e-5, key
 
 
 def test_shared_prompt_errors():
-    step, state, reference = _step(StepConfig(share_prompt=True))
+    step, state, reference, _ = _step(StepConfig(share_prompt=True))
     plain = collate(random_examples(2, seed=7), buckets=(32,), prompt_buckets=(16,),
                     pad_token_id=0)
     with pytest.raises(ValueError, match="share_prompt=True"):
