@@ -168,25 +168,28 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
     longest = max(len(ex.prompt_ids) + len(r) for ex in examples for role in roles
                   for r in ex.responses[role])
     length = bucket_for(longest, buckets)
+    sizes = {role: 1 if group_sizes is None else group_sizes[role] for role in roles}
+    for role, k in sizes.items():
+        if group_sizes is not None and max(len(ex.responses[role]) for ex in examples) > k:
+            raise ValueError(f"a {role!r} group has more than group_sizes[{role!r}]={k} members")
+    # role -> per example its K members, None for an absent one (ungrouped: K = 1)
+    padded = {role: [tuple(ex.responses[role]) + (None,) * (k - len(ex.responses[role]))
+                     for ex in examples] for role, k in sizes.items()}
     batch: dict[str, np.ndarray] = {}
     for role in roles:
         if group_sizes is None:
             ids, attention, loss = _pad_sequences(
-                [ex.prompt_ids for ex in examples], [ex.responses[role][0] for ex in examples],
+                [ex.prompt_ids for ex in examples], [group[0] for group in padded[role]],
                 length, pad_token_id)
         else:
-            k = group_sizes[role]
-            members = [ex.responses[role] for ex in examples]
-            if max(len(m) for m in members) > k:
-                raise ValueError(f"a {role!r} group has more than group_sizes[{role!r}]={k} members")
-            padded = [tuple(m) + (None,) * (k - len(m)) for m in members]
+            k = sizes[role]
             ids, attention, loss = _pad_sequences(
                 [ex.prompt_ids for ex in examples for _ in range(k)],
-                [r for group in padded for r in group], length, pad_token_id)
+                [r for group in padded[role] for r in group], length, pad_token_id)
             ids, attention, loss = (a.reshape(len(examples), k, length)  # [B*K, T] -> [B, K, T]
                                     for a in (ids, attention, loss))
             batch[f"{role}_group_mask"] = np.array([[r is not None for r in group]
-                                                    for group in padded], dtype=bool)
+                                                    for group in padded[role]], dtype=bool)
         batch[f"{role}_input_ids"] = ids
         batch[f"{role}_attention_mask"] = attention
         batch[f"{role}_loss_mask"] = loss
@@ -203,11 +206,8 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
     if examples[0].bin is not None:
         batch["bin"] = np.array([ex.bin for ex in examples], dtype=np.int32)
     if share_prompt:
-        sizes = {role: 1 if group_sizes is None else group_sizes[role] for role in roles}
-        members = [[r for role in sorted(roles)
-                    for r in tuple(ex.responses[role]) + (None,) * (sizes[role]
-                                                                     - len(ex.responses[role]))]
-                   for ex in examples]
+        members = [[r for role in sorted(roles) for r in padded[role][j]]
+                   for j in range(len(examples))]
         batch.update(_pack_shared_prompt([ex.prompt_ids for ex in examples], members,
                                          buckets=buckets, pad_token_id=pad_token_id))
     for role, key in REWARD_KEYS.items():
