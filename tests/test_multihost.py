@@ -22,21 +22,16 @@ import subprocess
 import sys
 import time
 
-import chex
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from jax.experimental.multihost_utils import process_allgather
+from tiny_training import tiny_dpo_step
 
 from alignax.data import PreferenceDataset, TokenizedExample, TruncationReport
-from alignax.models import create, tiny_config
+from alignax.models import tiny_config
 from alignax.training.checkpoint import Checkpointer
 from alignax.training.mesh import global_batch, initialize_distributed, make_mesh
-from alignax.training.objectives import ObjectiveConfig, make_objective
-from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
-                                    split_model)
-from alignax.training.step import StepConfig, make_train_step
 
 VOCAB, BATCH, LENGTH, PROMPT, STEPS, PROCESSES = 64, 8, 16, 6, 3, 2
 MESH = (1, 2, 2)  # FSDP across the 2 processes, tensor parallel inside each
@@ -78,14 +73,7 @@ def train(mesh, local_batches):
     """
     config = tiny_config("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1)
-    graphdef, params, rest = split_model(create(config, rngs=nnx.Rngs(0), mesh=mesh))
-    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-4))
-    state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
-    reference = jax.tree.map(lambda x: x.copy(), state.params)
-    chex.clear_trace_counter()
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(beta=0.5)), optimizer,
-                           schedule, mesh=mesh, state_shardings=shardings, model_state=rest,
-                           config=StepConfig(chunk_size=32, vocab_chunk_size=32), max_traces=1)
+    step, state, _, reference = tiny_dpo_step(mesh, config, max_traces=1)
     losses, batches = [], []
     for local in local_batches:
         batch = global_batch(local, mesh)

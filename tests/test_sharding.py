@@ -8,18 +8,13 @@ step must be traced once (`chex.assert_max_traces`).
 
 from __future__ import annotations
 
-import chex
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+from tiny_training import tiny_dpo_step
 
-from alignax.models import create, tiny_config
+from alignax.models import tiny_config
 from alignax.training.mesh import batch_sharding, global_batch, make_mesh
-from alignax.training.objectives import ObjectiveConfig, make_objective
-from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
-                                    split_model)
-from alignax.training.step import StepConfig, make_train_step
 
 VOCAB, BATCH, LENGTH, STEPS = 64, 8, 16, 3
 CONFIG = tiny_config("llama", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -43,14 +38,7 @@ def pair_batch(seed: int = 0) -> dict[str, np.ndarray]:
 def train(shape):
     """3 steps on a mesh of `shape`; returns (losses, host params, number of traces ok)."""
     mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
-    graphdef, params, rest = split_model(create(CONFIG, rngs=nnx.Rngs(0), mesh=mesh))
-    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-4))
-    state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
-    reference = jax.tree.map(lambda x: x.copy(), state.params)
-    chex.clear_trace_counter()
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(beta=0.5)), optimizer,
-                           schedule, mesh=mesh, state_shardings=shardings, model_state=rest,
-                           config=StepConfig(chunk_size=32, vocab_chunk_size=32), max_traces=1)
+    step, state, shardings, reference = tiny_dpo_step(mesh, CONFIG, max_traces=1)
     batch = global_batch(pair_batch(), mesh)
     losses = []
     for _ in range(STEPS):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tiny_training import tiny_dpo_step
 
 from alignax.data import TokenizedExample
 from alignax.data.batching import collate
@@ -19,11 +20,9 @@ from alignax.models import create, tiny_config
 from alignax.models.attention import make_mask
 from alignax.models.config import ModelConfig
 from alignax.training.mesh import global_batch, make_mesh
-from alignax.training.objectives import ObjectiveConfig, make_objective
-from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
-                                    split_model)
-from alignax.training.step import (StepConfig, make_train_step, packed_role_logprobs,
-                                   role_logprobs)
+from alignax.training.objectives import ObjectiveConfig
+from alignax.training.state import split_model
+from alignax.training.step import StepConfig, packed_role_logprobs, role_logprobs
 
 VOCAB = 61
 
@@ -157,17 +156,10 @@ def test_a_response_never_sees_another():
 
 def _step(config: StepConfig, objective: str = "dpo", mesh_shape=(1, 1, 1)):
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-    model = create(tiny_config("llama", vocab_size=VOCAB), rngs=nnx.Rngs(0), mesh=mesh)
-    graphdef, params, rest = split_model(model)
-    # A DPO-sized learning rate, as in tests/test_training.py: Adam turns a ~0 gradient into a
-    # ~lr-sized update, so a large lr lets float32 rounding dominate parameter comparisons.
-    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-4))
-    state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0),
-                                          mesh=mesh)
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(name=objective, beta=0.2)),
-                           optimizer, schedule, mesh=mesh, state_shardings=shardings,
-                           model_state=rest, config=config)
-    return step, state, jax.tree.map(jnp.copy, state.params), mesh
+    step, state, _, reference = tiny_dpo_step(
+        mesh, tiny_config("llama", vocab_size=VOCAB), step_config=config,
+        objective=ObjectiveConfig(name=objective, beta=0.2))
+    return step, state, reference, mesh
 
 
 def test_train_step_with_shared_prompt_matches_the_unpacked_step():
