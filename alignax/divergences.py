@@ -22,12 +22,19 @@ mass on a response) fail it: their f-DPO losses are not consistent and are refus
 
 The alpha-divergence follows the thesis' convention: alpha -> 0 gives reverse KL and alpha -> 1
 gives forward KL (both up to an additive constant in f', which cancels in eq. 2.2). HF TRL's
-`f_alpha_divergence_coef` equals 1 - alpha.
+`f_alpha_divergence_coef` equals 1 - alpha in TRL >= 0.29; TRL <= 0.28 used alpha itself.
+
+Sample estimates of D_f (thesis §2.8.2, after Schulman 2020): with x ~ q and r = p(x)/q(x),
+f(r) - f'(1)(r - 1) is unbiased for D_f(p, q) (E_q[r - 1] = 0) and has lower variance than
+f(r) near p = q (`Divergence.estimator`, `f_divergence_estimator`). From samples of p instead,
+D_f(p, q) = D_g(q, p) with g(t) = t f(1/t), the conjugate (`Divergence.conjugate`): reverse KL
+and forward KL swap, JSD is its own conjugate, alpha becomes 1 - alpha.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -42,8 +49,13 @@ INADMISSIBLE = ("total_variation", "chi_squared")
 
 _LOG2 = math.log(2.0)
 _LOG_FLOAT32_MAX = math.log(float(jnp.finfo(jnp.float32).max))
+_EXP_SAFE = 80.0  # e^h is finite for h below this, with room for a factor up to ~1e3
 _F_PRIME_SUP = {"reverse_kl": math.inf, "forward_kl": 0.0, "jsd": _LOG2,
                 "total_variation": 0.5, "chi_squared": math.inf}
+_CONJUGATE = {"reverse_kl": "forward_kl", "forward_kl": "reverse_kl", "jsd": "jsd",
+              "total_variation": "total_variation"}
+_SERIES_RADIUS = 1.0  # |log r| below which the estimator is summed as a Taylor series
+_SERIES_ORDER = 14  # highest power of log r kept: truncation error < 1e-9 relative at radius
 
 
 @jax.custom_jvp
@@ -169,6 +181,36 @@ class Divergence:
             return exp_difference(h2, h1, self.alpha) / self.alpha  # (u2^-a - u1^-a)/a
         return self.f_prime(h1) - self.f_prime(h2)
 
+    def conjugate(self) -> Divergence:
+        """The divergence g(t) = t f(1/t), with D_g(q, p) = D_f(p, q) (Table 2.1 is closed under
+        it: reverse KL <-> forward KL, JSD <-> JSD, alpha <-> 1 - alpha, total variation <->
+        itself). Chi-squared's conjugate (Neyman's chi-squared) is not in the table.
+
+        >>> get_divergence("alpha", alpha=0.3).conjugate().alpha
+        0.7
+        """
+        if self.name == "alpha":
+            return Divergence("alpha", 1.0 - self.alpha)
+        if self.name not in _CONJUGATE:
+            raise ValueError(f"the conjugate of {self.name!r} is not in Table 2.1")
+        return Divergence(_CONJUGATE[self.name], None)
+
+    def estimator(self, log_r: jax.Array) -> jax.Array:
+        """f(r) - f'(1)(r - 1) at r = exp(log_r): one sample's unbiased, low-variance estimate
+        of D_f(p, q) from x ~ q, log_r = log p(x) - log q(x) (thesis §2.8.2).
+
+        Every term is >= 0 (f convex, f(1) = 0) and exactly 0 at log_r = 0. It is formed
+        without cancellation (a Taylor series in log r for |log r| < 1, expm1 / log1p forms
+        elsewhere), so it is accurate to float32 relative precision; it is inf only where the
+        true value exceeds float32. The derivative, e^h (f'(e^h) - f'(1)) at h = log_r, is
+        written out, so it is finite wherever the value is and never NaN. Total variation and
+        chi-squared take f'(1) = 0 (their f(r) itself). alpha gets no gradient.
+
+        Shapes: elementwise.
+        """
+        a = jax.lax.stop_gradient(as_float32(0.0 if self.alpha is None else self.alpha))
+        return _estimator(self.name, as_float32(log_r), a)
+
     def f_prime_inverse(self, v: jax.Array) -> jax.Array:
         """log of (f')^-1(v), for v < f_prime_sup (admissible divergences only).
 
@@ -184,6 +226,84 @@ class Divergence:
             s = v - _LOG2  # log sigmoid(h) = s  =>  h = s - log(1 - e^s)
             return s - jnp.log(-jnp.expm1(s))
         return -jnp.log1p(-self.alpha * v) / self.alpha  # alpha
+
+
+def _series(x: jax.Array, coefficient, order: int = _SERIES_ORDER) -> jax.Array:
+    """sum_{n=2}^{order} coefficient(n) x^n, by Horner's rule from the highest power."""
+    total = jnp.zeros_like(x)
+    for n in range(order, 1, -1):
+        total = (total + coefficient(n)) * x
+    return total * x
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _estimator(name: str, h: jax.Array, a: jax.Array) -> jax.Array:
+    """`Divergence.estimator` of divergence `name` (alpha a) at log-ratios h."""
+    small = jnp.abs(h) < _SERIES_RADIUS
+    hs = jnp.where(small, h, 0.0)  # each branch only ever sees arguments it is accurate for
+    hn = jnp.minimum(h, -_SERIES_RADIUS)  # h < -1 where used
+    hp = jnp.maximum(h, _SERIES_RADIUS)  # h > 1 where used
+    if name == "reverse_kl":
+        # r log r - (r - 1) = sum_{n>=2} (n - 1) h^n / n!
+        series = _series(hs, lambda n: (n - 1) / math.factorial(n))
+        large = jnp.where(h > 0, jnp.exp(hp) * (hp - 1.0) + 1.0, hn * jnp.exp(hn) - jnp.expm1(hn))
+    elif name == "forward_kl":
+        # -log r + (r - 1) = expm1(h) - h = sum_{n>=2} h^n / n!
+        series = _series(hs, lambda n: 1.0 / math.factorial(n))
+        large = jnp.expm1(h) - h
+    elif name == "jsd":
+        # With w = tanh(h/2) = (r - 1)/(r + 1): f(r) = S(w) / (1 - w), where
+        # S(w) = (1 + w) log1p(w) + (1 - w) log1p(-w) = sum_{k>=1} w^2k / (k (2k - 1)).
+        w = jnp.tanh(hs / 2)
+        series = _series(w, lambda n: 0.0 if n % 2 else 1.0 / ((n // 2) * (n - 1)),
+                         order=2 * _SERIES_ORDER) / (1.0 - w)
+        # f(r) = e^h A - B with A = log(2r / (1 + r)) in (0, log 2] for h > 0 and
+        # B = log((1 + r) / 2): e^h A as one exp, finite wherever f is.
+        a_pos = -jnp.log1p(jnp.expm1(-hp) / 2)
+        b_pos = jax.nn.softplus(hp) - _LOG2
+        large = jnp.where(h > 0, jnp.exp(hp + jnp.log(a_pos)) - b_pos, Divergence("jsd").f(hn))
+    elif name == "alpha":
+        # f(r) = [(1 - a) expm1(h) - expm1((1 - a) h)] / (a (1 - a))
+        #      = sum_{n>=2} [1 - (1 - a)^(n-1)] / a  h^n / n!
+        series = _series(hs, lambda n: -jnp.expm1((n - 1) * jnp.log1p(-a))
+                         / a / float(math.factorial(n)))
+        low = ((1.0 - a) * jnp.expm1(hn) - jnp.expm1((1.0 - a) * hn)) / (a * (1.0 - a))
+        # h > 0: e^h [(1 - a) + a e^-h - e^-ah] / (a (1 - a)) as one exp of a sum of logs, so
+        # the value is finite wherever the true one is (no inf - inf).
+        bracket = (1.0 - a) + a * jnp.exp(-hp) - jnp.exp(-a * hp)
+        large = jnp.where(h > 0, jnp.exp(hp + jnp.log(bracket) - jnp.log(a * (1.0 - a))), low)
+    else:  # total_variation, chi_squared: f'(1) = 0
+        return Divergence(name).f(h)
+    return jnp.where(small, series, large)
+
+
+@_estimator.defjvp
+def _estimator_jvp(name, primals, tangents):
+    h, a = primals
+    dh, _ = tangents
+    hn, hp = jnp.minimum(h, 0.0), jnp.maximum(h, 0.0)
+    huge = h > _EXP_SAFE  # e^h overflows: take the product as one exp of a sum of logs
+    hh = jnp.maximum(h, _EXP_SAFE)
+    # d/dh [f(e^h) - f'(1)(e^h - 1)] = e^h (f'(e^h) - f'(1)), each factor bounded where the
+    # other overflows.
+    if name == "reverse_kl":
+        slope = h * jnp.exp(h)
+    elif name == "forward_kl":
+        slope = jnp.expm1(h)
+    elif name == "jsd":  # e^h log(2u / (1 + u)) = -e^h log1p(expm1(-h) / 2)
+        mid = jnp.clip(h, -_EXP_SAFE, _EXP_SAFE)
+        log_term = jnp.where(h < -_EXP_SAFE, _LOG2 + jax.nn.log_sigmoid(hn),
+                             -jnp.log1p(jnp.expm1(-mid) / 2))
+        slope = jnp.where(huge, jnp.exp(hh + jnp.log(-jnp.log1p(jnp.expm1(-hh) / 2))),
+                          jnp.exp(jnp.minimum(h, _EXP_SAFE)) * log_term)
+    elif name == "alpha":  # e^h (1 - e^-ah) / a
+        mid = jnp.minimum(hp, _EXP_SAFE)
+        slope = jnp.where(h < 0, jnp.exp((1.0 - a) * hn) * jnp.expm1(a * hn) / a,
+                          jnp.where(huge, jnp.exp(hh + jnp.log(-jnp.expm1(-a * hh)) - jnp.log(a)),
+                                    -jnp.exp(mid) * jnp.expm1(-a * mid) / a))
+    else:
+        return _estimator(name, h, a), jax.jvp(Divergence(name).f, (h,), (dh,))[1]
+    return _estimator(name, h, a), slope * dh
 
 
 def _require_admissible(name: str) -> None:
@@ -260,3 +380,35 @@ def f_divergence(name: str, log_p: jax.Array, log_q: jax.Array, *,
     div = get_divergence(name, alpha=alpha, admissible_only=False)
     log_p, log_q = as_float32(log_p), as_float32(log_q)
     return jnp.sum(jnp.exp(log_q) * div.f(log_p - log_q), axis=axis)
+
+
+def f_divergence_estimator(name: str, log_ratio: jax.Array, *, alpha: float | None = None,
+                           sampled_from: str = "q") -> jax.Array:
+    """Per-sample terms of the §2.8.2 estimator of D_f(p, q) = E_q[f(p/q)]; their mean is it.
+
+    Args:
+      name: any divergence of Table 2.1 except chi-squared with `sampled_from="p"`.
+      log_ratio: any shape, log p(x) - log q(x) of the samples x (per-sequence log-ratios).
+      alpha: in (0, 1), only with name="alpha".
+      sampled_from: "q" if x ~ q: terms f(r) - f'(1)(r - 1), r = p/q; "p" if x ~ p: terms
+        g(t) - g'(1)(t - 1), t = q/p, with g the conjugate (D_f(p, q) = D_g(q, p)).
+
+    Returns:
+      Same shape as `log_ratio`, float32, every term >= 0.
+
+    For a policy pi and reference pi_ref with samples y ~ pi and h = log pi(y) - log pi_ref(y):
+    `f_divergence_estimator("reverse_kl", h, sampled_from="p")` estimates KL(pi || pi_ref)
+    = D_f(pi, pi_ref) (terms h + e^-h - 1, Schulman's k3), the divergence that f-DPO's
+    reverse KL regularises.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> f_divergence_estimator("reverse_kl", jnp.array([0.0, 1.0]), sampled_from="p")
+      Array([0.       , 0.3678794], dtype=float32)
+    """
+    if sampled_from not in ("p", "q"):
+        raise ValueError(f"sampled_from must be 'p' or 'q', got {sampled_from!r}")
+    div = get_divergence(name, alpha=alpha, admissible_only=False)
+    if sampled_from == "q":
+        return div.estimator(log_ratio)
+    return div.conjugate().estimator(-as_float32(log_ratio))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from alignax.divergences import ADMISSIBLE, INADMISSIBLE, f_divergence, f_prime, get_divergence
+from alignax.divergences import (ADMISSIBLE, INADMISSIBLE, f_divergence, f_divergence_estimator,
+                                 f_prime, get_divergence)
 
 CASES = [("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("alpha", 0.3), ("alpha", 0.7)]
 ALL_CASES = CASES + [("total_variation", None), ("chi_squared", None)]
@@ -178,3 +179,81 @@ def test_alpha_may_be_traced_under_vmap():
     alphas = jnp.array([0.1, 0.5, 0.9])
     out = jax.vmap(lambda a: f_prime("alpha", jnp.float32(2.0), alpha=a))(alphas)
     np.testing.assert_allclose(out, (1 - np.exp(-2.0 * np.asarray(alphas))) / np.asarray(alphas), rtol=1e-6)
+
+
+# ----------------------------------------------------------------- §2.8.2 sample estimator
+
+ESTIMATOR_H = np.concatenate([-np.logspace(-8, 4, 60), [0.0], np.logspace(-8, 4, 60),
+                              [-1.0, 1.0, -0.99999, 0.99999, 80.0, 88.0, 88.7, 89.0]]).astype(np.float32)
+
+
+def mp_estimator(name, alpha, h):
+    """f(r) - f'(1)(r - 1) and its derivative e^h (f'(e^h) - f'(1)) in 60-digit arithmetic."""
+    with mpmath.workdps(60):
+        h = mpmath.mpf(float(h))
+        u = mpmath.exp(h)
+        a = None if alpha is None else mpmath.mpf(alpha)
+        f = {"reverse_kl": lambda u: u * mpmath.log(u), "forward_kl": lambda u: -mpmath.log(u),
+             "jsd": lambda u: u * mpmath.log(u) - (u + 1) * mpmath.log((u + 1) / 2),
+             "alpha": lambda u: (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1))}[name]
+        fp = {"reverse_kl": lambda u: mpmath.log(u) + 1, "forward_kl": lambda u: -1 / u,
+              "jsd": lambda u: mpmath.log(2 * u / (1 + u)),
+              "alpha": lambda u: (1 - u ** (-a)) / a}[name]
+        value = f(u) - fp(mpmath.mpf(1)) * (u - 1)
+        slope = u * (fp(u) - fp(mpmath.mpf(1)))
+        return float(value), float(slope)
+
+
+def _to_float32_or_inf(x):
+    return x if abs(x) < float(np.finfo(np.float32).max) else np.copysign(np.inf, x)
+
+
+@pytest.mark.parametrize("name,alpha", CASES)
+def test_estimator_matches_60_digit_reference_with_its_gradient(name, alpha):
+    div = get_divergence(name, alpha=alpha)
+    values = np.asarray(jax.jit(div.estimator)(ESTIMATOR_H), np.float64)
+    slopes = np.asarray(jax.jit(jax.vmap(jax.grad(div.estimator)))(ESTIMATOR_H), np.float64)
+    want = np.array([mp_estimator(name, alpha, h) for h in ESTIMATOR_H])
+    want_value = np.array([_to_float32_or_inf(v) for v in want[:, 0]])
+    want_slope = np.array([_to_float32_or_inf(v) for v in want[:, 1]])
+    assert not np.isnan(values).any() and not np.isnan(slopes).any()
+    assert (values >= 0).all()
+    finite = np.isfinite(want_value)
+    np.testing.assert_array_equal(values[~finite], want_value[~finite])  # overflow -> inf only
+    # A few float32 ulps (eps = 2^-23) times the condition number of exp at the log-space
+    # argument (~|h|: e^(h + c) with h + c rounded to float32).
+    rtol = 8 * np.finfo(np.float32).eps * (1 + np.abs(ESTIMATOR_H.astype(np.float64)))
+    tiny = np.finfo(np.float32).tiny  # true values below it may flush to zero
+    assert (np.abs(values[finite] - want_value[finite])
+            <= rtol[finite] * np.abs(want_value[finite]) + tiny).all()
+    ok = np.isfinite(want_slope)
+    assert (np.abs(slopes[ok] - want_slope[ok]) <= rtol[ok] * np.abs(want_slope[ok]) + tiny).all()
+    np.testing.assert_array_equal(slopes[~ok], want_slope[~ok])
+    assert float(div.estimator(jnp.zeros(()))) == 0.0  # p = q: exactly zero, on any backend
+
+
+@pytest.mark.parametrize("name,alpha", CASES)
+def test_estimator_expectation_is_the_divergence_from_either_side(name, alpha):
+    """On finite distributions E_q[term] = D_f(p, q) exactly (E_q[r - 1] = 0), and the
+    conjugate's terms under p give the same value (D_f(p, q) = D_g(q, p))."""
+    rng = np.random.default_rng(0)
+    log_p = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(6, 9)) * 2, jnp.float32))
+    log_q = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(6, 9)) * 2, jnp.float32))
+    exact = f_divergence(name, log_p, log_q, alpha=alpha)
+    from_q = jnp.sum(jnp.exp(log_q) * f_divergence_estimator(name, log_p - log_q, alpha=alpha,
+                                                             sampled_from="q"), -1)
+    from_p = jnp.sum(jnp.exp(log_p) * f_divergence_estimator(name, log_p - log_q, alpha=alpha,
+                                                             sampled_from="p"), -1)
+    np.testing.assert_allclose(from_q, exact, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(from_p, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_conjugates_pair_up_within_table_2_1():
+    assert get_divergence("reverse_kl").conjugate().name == "forward_kl"
+    assert get_divergence("forward_kl").conjugate().name == "reverse_kl"
+    assert get_divergence("jsd").conjugate().name == "jsd"
+    assert get_divergence("alpha", alpha=0.25).conjugate().alpha == 0.75
+    with pytest.raises(ValueError, match="not in Table 2.1"):
+        get_divergence("chi_squared", admissible_only=False).conjugate()
+    with pytest.raises(ValueError, match="sampled_from"):
+        f_divergence_estimator("jsd", jnp.zeros(3), sampled_from="pi")
