@@ -8,7 +8,9 @@ refuses a dataset whose records disagree):
   "rejected": str}` where both strings start with the prompt: the prompt is their longest common
   prefix, and a space that ends it goes to the responses instead (as TRL's `extract_prompt`
   splits such records), so "The sky is blue." / "The sky is green." gives the prompt
-  "The sky is" and the responses " blue." / " green.".
+  "The sky is" and the responses " blue." / " green.". Unlike TRL, a prefix that ends inside a
+  word is cut back to the whitespace before that word: "Pick: apple" / "Pick: a pear" gives
+  "Pick:" and " apple" / " a pear", where TRL gives "Pick: a" and "pple" / " pear".
 - "conversational": `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` with
   messages `{"role": str, "content": str}`; or, as in UltraFeedback-binarized, `chosen`/`rejected`
   holding the whole conversation, in which case the prompt is their longest common message
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -184,7 +187,8 @@ def _split_hh(record: Mapping[str, Any], index: int) -> tuple[str, dict[str, tup
 def _split_implicit(record: Mapping[str, Any],
                     index: int) -> tuple[str, dict[str, tuple[str, ...]]]:
     """The prompt of a TRL implicit-prompt record: the longest common prefix of chosen and
-    rejected, minus a final space (which starts both responses instead)."""
+    rejected, minus a final space (which starts both responses instead), cut back to the start
+    of a word it would end inside of."""
     chosen = _nonempty_text(index, "chosen", _field(record, index, "chosen"))
     rejected = _nonempty_text(index, "rejected", _field(record, index, "rejected"))
     n = len(os.path.commonprefix([chosen, rejected]))
@@ -192,7 +196,12 @@ def _split_implicit(record: Mapping[str, Any],
         raise _error(index, "rejected" if n == len(rejected) else "chosen",
                      "is the whole shared prefix of chosen and rejected, so nothing of it is left "
                      "as a response (identical texts, or one a prefix of the other)")
-    if n and chosen[n - 1] == " ":
+    word = re.compile(r"\w")
+    start = max((m.start() for m in re.finditer(r"\s", chosen[:n])), default=0)
+    if n and word.match(chosen[n - 1]) and (word.match(chosen[n]) or word.match(rejected[n])) \
+            and chosen[:start].strip():
+        n = start  # the prefix ends inside a word: cut back to the word's start
+    elif n and chosen[n - 1] == " ":
         n -= 1
     if not chosen[:n].strip():
         raise _error(index, "chosen", "shares no prompt with 'rejected' (their common prefix is "
@@ -314,7 +323,8 @@ def parse_record(record: Mapping[str, Any], index: int, *, format: str,
     response_bins = {}
     if response_bin_fn is not None:
         response_bins = {
-            role: tuple(_bin(index, f"response_bin_fn(record, {role!r}, {role}[{k}])",
+            role: tuple(_bin(index, f"response_bin_fn(record, {role!r}, "
+                                    f"{role if len(completions) == 1 else f'{role}[{k}]'})",
                              response_bin_fn(record, role, completion))
                         for k, completion in enumerate(completions))
             for role, completions in responses.items()}

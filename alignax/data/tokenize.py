@@ -23,7 +23,9 @@ Every tokenized sequence is `prompt_ids + response_ids`. The rules (decided here
   lists the records that hold such text in every case.
 - **EOS.** Each response ends with `tokenizer.eos_token_id`: it is appended unless the response's
   ids already end with it. A chat template that closes the turn with EOS and then writes only
-  whitespace ("<|im_end|>\\n") counts as ending with it.
+  whitespace ("<|im_end|>\\n") counts as ending with it, and so does a (non-chat) response whose
+  text ends with the EOS token's text ("Done.<|eos|>": that final EOS is the control token, as
+  TRL reads it; any other special-token text is text).
 - **Truncation.** `truncation="keep_prompt_end"` (default) keeps the END of the prompt (and its
   leading bos) within `max_prompt_length`, then cuts the response to the remaining budget.
   `truncation="keep_start"` (TRL's DPOTrainer) keeps the prompt whole and cuts the response's end
@@ -147,6 +149,8 @@ class RenderedRecord:
       spans: per full text, its spans (a control token or text, module `Span`).
       split_special: whether special-token strings in the text spans are text.
       special_text: the first special-token string found in the record's content, or None.
+      eos_text: per full text, whether its response text ended with the EOS token's text (cut
+        off here; the response then ends with the EOS token).
     """
 
     record: ParsedRecord
@@ -156,6 +160,7 @@ class RenderedRecord:
     spans: tuple[tuple[Span, ...], ...]
     split_special: bool
     special_text: str | None
+    eos_text: tuple[bool, ...]
 
     def pieces(self, k: int, start: int, end: int) -> list[Piece]:
         """The pieces of `fulls[k]`'s text [start, end)."""
@@ -241,15 +246,20 @@ def render(record: ParsedRecord, tokenizer, *, special_token_text: str = "text",
     fields = [(role, role if len(completions) == 1 else f"{role}[{k}]", completion)
               for role, completions in record.responses.items()
               for k, completion in enumerate(completions)]
+    eos = tokenizer.eos_token
     if isinstance(record.prompt, str):
         prompt, chat = record.prompt, False
+        eos_text = tuple(bool(eos) and special_token_text != "control" and c.endswith(eos)
+                         for *_, c in fields)
+        fields = [(role, field, c[:len(c) - len(eos)] if cut else c)
+                  for (role, field, c), cut in zip(fields, eos_text)]
         fulls = tuple((role, field, prompt + completion) for role, field, completion in fields)
         special = _find_special([prompt, *(c for *_, c in fields)], specials)
     else:
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"record {index}: field 'prompt' is a conversation but the "
                              "tokenizer has no chat template; set tokenizer.chat_template")
-        chat = True
+        chat, eos_text = True, (False,) * len(fields)
         prompt_messages = list(record.prompt)
         prompt = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True,
                                                tokenize=False)
@@ -279,7 +289,7 @@ def render(record: ParsedRecord, tokenizer, *, special_token_text: str = "text",
     return RenderedRecord(record=record, prompt=prompt, fulls=fulls, chat=chat, spans=spans,
                           split_special=special_token_text == "text" and not (
                               chat and special is None),
-                          special_text=special)
+                          special_text=special, eos_text=eos_text)
 
 
 def _encode(tokenizer, sequences: Sequence[tuple[list[Piece], bool]]) -> list[list[int]]:
@@ -440,7 +450,7 @@ def tokenize_records(records: Sequence[ParsedRecord], tokenizer, *, max_length: 
             if not ids:
                 problem = f"record {index}: field {field!r} tokenizes to no tokens"
                 break
-            if add_eos and not _ends_with_eos(ids, eos, tokenizer, r.chat):
+            if (add_eos or r.eos_text[k]) and not _ends_with_eos(ids, eos, tokenizer, r.chat):
                 ids = ids + [eos]
             response_ids.append(ids)
         if problem is not None:
