@@ -514,7 +514,8 @@ def test_mistyped_local_paths_are_never_sent_to_the_hub(source, tmp_path, monkey
     with pytest.raises(ValueError, match=re.escape(
             f"no such local file or directory: {source!r} (looked for")):
         load_records(source)
-    with pytest.raises(ValueError, match=re.escape(f"no such local tokenizer directory: {source!r}")):
+    with pytest.raises(ValueError, match=re.escape(
+            f"no such local tokenizer directory: {source!r}")):
         prepare_dataset(TRL, source)
 
 
@@ -540,7 +541,7 @@ def test_keep_start_truncation_as_trl():
     assert ds.prompt_buckets[-1] == 32
     default = prepare_dataset(records, TOK, max_length=32)  # keep_prompt_end: all kept
     assert len(default) == 3 and len(default.examples[1].prompt_ids) == 16
-    with pytest.raises(ValueError, match="max_prompt_length applies to truncation='keep_prompt_end'"):
+    with pytest.raises(ValueError, match="max_prompt_length applies to truncation='keep_prompt"):
         prepare_dataset(records, TOK, max_length=32, truncation="keep_start", max_prompt_length=8)
     with pytest.raises(ValueError, match="truncation must be one of"):
         prepare_dataset(records, TOK, max_length=32, truncation="keep_end")

@@ -186,8 +186,8 @@ def test_chat_template_tokens_stay_control_tokens_while_content_is_text():
     # without special text the rendered conversation is tokenized whole, as before
     plain = {**conversation, "prompt": [{"role": "user", "content": "Repeat"}]}
     ids = prepare_dataset([plain], TOK, max_length=64).examples[0].prompt_ids.tolist()
-    assert ids == TOK(TOK.apply_chat_template(plain["prompt"], add_generation_prompt=True,
-                                              tokenize=False), add_special_tokens=False)["input_ids"]
+    rendered = TOK.apply_chat_template(plain["prompt"], add_generation_prompt=True, tokenize=False)
+    assert ids == TOK(rendered, add_special_tokens=False)["input_ids"]
 
 
 def test_chat_template_closing_eos_then_whitespace_counts_as_the_end():
@@ -209,7 +209,7 @@ def test_grouped_and_unlabeled_members_follow_the_same_rules():
     ds = prepare_dataset(records, TOK, max_length=64)
     example = ds.examples[0]
     assert example.prompt_ids.tolist() == TOK("Pick ")["input_ids"]
-    members = [TOK.decode(r) for r in (*example.responses["chosen"], *example.responses["rejected"])]
+    members = [TOK.decode(r) for role in ("chosen", "rejected") for r in example.responses[role]]
     assert members == ["one<|eos|>", "two <|eos|> more<|eos|>", " three<|eos|>"]
     assert np.sum(example.responses["chosen"][1] == EOS) == 1  # the content's is text
     assert ds.report.boundaries_retokenized == 2  # "Pick " + "one"/"two": a straddling space

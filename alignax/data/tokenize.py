@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -180,11 +181,18 @@ class RenderedRecord:
 
 
 def _find_special(texts: Sequence[str], specials: dict[str, int]) -> str | None:
-    for text in texts:
-        for special in specials:
-            if special in text:
-                return special
+    """The first special-token string found in `texts`, or None."""
+    if specials:
+        pattern = _special_pattern(tuple(specials))
+        for text in texts:
+            if found := pattern.search(text):
+                return found.group(0)
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(re.escape(s) for s in specials))  # longest first
 
 
 def _template_spans(tokenizer, messages: list[dict], rendered: str, specials: dict[str, int],
@@ -198,7 +206,7 @@ def _template_spans(tokenizer, messages: list[dict], rendered: str, specials: di
     marks = [f"\ue000{k}\ue001" for k in range(len(messages))]
     masked = tokenizer.apply_chat_template(
         [{**m, "content": mark} for m, mark in zip(messages, marks)], tokenize=False)
-    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    pattern = _special_pattern(tuple(specials))
     spans: list[Span] = []
     rebuilt: list[str] = []
 
