@@ -213,3 +213,31 @@ def test_grouped_and_unlabeled_members_follow_the_same_rules():
     assert members == ["one<|eos|>", "two <|eos|> more<|eos|>", " three<|eos|>"]
     assert np.sum(example.responses["chosen"][1] == EOS) == 1  # the content's is text
     assert ds.report.boundaries_retokenized == 2  # "Pick " + "one"/"two": a straddling space
+
+
+def test_content_special_text_the_template_pieces_cannot_reproduce_is_refused():
+    conversation = {"prompt": [{"role": "user", "content": "Say <|eos|>"}],
+                    "chosen": [{"role": "assistant", "content": "ok"}],
+                    "rejected": [{"role": "assistant", "content": "no"}]}
+    # a template that changes the content: its own tokens cannot be told from the content's
+    upper = default_tokenizer()
+    upper.chat_template = CHAT_TEMPLATE.replace("message['content']", "message['content'] | upper")
+    with pytest.raises(ValueError, match=re.escape(
+            "record 0: its messages hold special-token text, and the chat template does not copy "
+            "message contents verbatim")):
+        prepare_dataset([conversation], upper, max_length=64)
+    # a template token that swallows the whitespace after it (rstrip) tokenizes differently
+    # in pieces: refused rather than silently changed
+    from tokenizers import AddedToken
+
+    strip = default_tokenizer()
+    strip.add_special_tokens({"additional_special_tokens": [AddedToken("<|turn|>", rstrip=True)]})
+    strip.chat_template = CHAT_TEMPLATE.replace("{{ '\n' }}", "{{ '<|turn|> ' }}")
+    assert strip.chat_template != CHAT_TEMPLATE
+    clean = {**conversation, "prompt": [{"role": "user", "content": "Say it"}]}
+    assert len(prepare_dataset([clean], strip, max_length=64)) == 1
+    with pytest.raises(ValueError, match=re.escape(
+            "record 0: the chat template's text tokenizes differently in pieces")):
+        prepare_dataset([conversation], strip, max_length=64)
+    ds = prepare_dataset([conversation], strip, max_length=64, special_token_text="control")
+    assert len(ds) == 1
