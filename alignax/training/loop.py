@@ -16,6 +16,7 @@ import math
 import os
 import pathlib
 import time
+import uuid
 from typing import Any, Callable, Iterator
 
 import jax
@@ -108,8 +109,11 @@ class MetricsLogger:
         self._file.flush()
         if self._tensorboard and self._writer is None:
             from tensorboardX import SummaryWriter
+            # tensorboardX names files by the second: a unique suffix keeps a restart within
+            # the same second from overwriting the previous writer's file.
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                         purge_step=self._purge_step)
+                                         purge_step=self._purge_step,
+                                         filename_suffix=f".{uuid.uuid4().hex[:8]}")
         if self._writer is not None:
             for name, value in metrics.items():
                 self._writer.add_scalar(name, float(value), int(step))
