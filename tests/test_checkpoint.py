@@ -347,3 +347,7 @@ def test_export_to_hf_safetensors_round_trips(tmp_path):
     loaded = nnx.split(from_pretrained(tmp_path / "hf"), nnx.Param, ...)[1]
     for (name, a), b in zip(flatten_state(params).items(), flatten_state(loaded).values()):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    diverged = jax.tree.map(lambda x: x.at[0].set(jnp.inf) if x.ndim == 2 else x, params)
+    with pytest.raises(NonFiniteStateError, match=r"refusing to export .* non-finite values"):
+        export_hf(graphdef, diverged, tmp_path / "nan", model_state=rest)
+    assert not (tmp_path / "nan").exists()

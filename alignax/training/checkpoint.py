@@ -357,7 +357,15 @@ class Checkpointer:
 
 
 def export_hf(graphdef, params, path: str | pathlib.Path, model_state: Any = None) -> None:
-    """Writes the policy as HF safetensors + config.json (`alignax.models.save_pretrained`)."""
+    """Writes the policy as HF safetensors + config.json (`alignax.models.save_pretrained`).
+
+    Raises:
+      NonFiniteStateError: a parameter holds NaN or inf (nothing is written).
+    """
+    bad = non_finite(flatten_state(params))
+    if bad:
+        raise NonFiniteStateError(f"refusing to export to {path}: non-finite values in "
+                                  f"{len(bad)} parameters ({_named(bad)})")
     params = jax.device_get(params)
     model = nnx.merge(graphdef, params) if model_state is None else nnx.merge(graphdef, params,
                                                                                model_state)
