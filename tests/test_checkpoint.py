@@ -317,6 +317,20 @@ def test_restore_sets_the_data_position_and_refuses_one_the_iterator_cannot_take
     assert checkpointer.all_steps() == [5] and not (tmp_path / "quarantine").exists()
 
 
+def test_a_state_of_another_structure_is_refused_and_the_checkpoints_left_in_place(tmp_path):
+    saved(tmp_path, {"lr": 0.1})
+    wider = small_state(0) | {"params": {"w": jnp.zeros((4, 5)), "b": jnp.zeros(3)}}
+    with pytest.raises(ConfigMismatchError, match=r"step 4 .* another structure .* params\.w: "
+                                                  r"\[\[4, 3\], 'float32'\] \(checkpoint\) != "
+                                                  r"\[\[4, 5\], 'float32'\] \(run\)"):
+        Checkpointer(tmp_path, config={"lr": 0.1}, save_every=2).restore_latest(wider)
+    extra = small_state(0) | {"extra": jnp.zeros(2, jnp.int32)}
+    with pytest.raises(ConfigMismatchError, match=r"extra: missing \(checkpoint\)"):
+        Checkpointer(tmp_path, config={"lr": 0.1}, save_every=2).restore_latest(extra)
+    assert Checkpointer(tmp_path, config={"lr": 0.1}, save_every=2).all_steps() == [2, 4]
+    assert not (tmp_path / "quarantine").exists()
+
+
 def test_bad_checkpointer_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="save_every must be an int >= 1, got 0"):
         Checkpointer(tmp_path, config={}, save_every=0)

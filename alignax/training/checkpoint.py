@@ -2,7 +2,7 @@
 
 A checkpoint holds the whole train state (params, optimizer state, step, key) as one flat
 dict of arrays, plus a JSON item with the run config, every process's data-iterator position,
-a bitwise fingerprint of every array, and a SHA-256 digest of each of these parts.
+each array's shape, dtype and bitwise fingerprint, and a SHA-256 digest of each of these parts.
 
 Saving refuses a state with NaN/inf in a floating array (`NonFiniteStateError`), so a
 checkpoint on disk is never a diverged state. Restoring walks the steps newest first: a
@@ -10,8 +10,8 @@ checkpoint whose metadata cannot be read or does not match its digests (e.g. an 
 data-iterator position), whose arrays cannot be read or do not match their fingerprints, or
 whose arrays are not finite, is moved aside into `quarantine/` (never deleted) with a warning
 naming it and why, and the next older one is tried. A checkpoint written under a different
-config, or whose data position the run's iterator refuses, is refused with an error that
-names the difference.
+config or for a state of another structure, or whose data position the run's iterator
+refuses, is refused with an error that names the difference (and is left in place).
 
 Saves never block on what is already on disk: a quarantined step is saved again when the run
 reaches it, and steps at or after a save's step that this run neither wrote nor resumed from
@@ -39,7 +39,7 @@ from alignax.models import save_pretrained
 log = logging.getLogger(__name__)
 
 # The metadata parts covered by a digest each (so a mismatch names the part).
-_DIGESTED = ("config", "data_states", "fingerprints", "step")
+_DIGESTED = ("arrays", "config", "data_states", "fingerprints", "step")
 
 
 class ConfigMismatchError(ValueError):
@@ -91,6 +91,21 @@ def fingerprints(flat: dict[str, jax.Array]) -> dict[str, int]:
 def non_finite(flat: dict[str, jax.Array]) -> list[str]:
     """Names of the floating arrays of `flat` that hold a NaN or an inf."""
     return [k for k, ok in jax.device_get(_checks(flat)[1]).items() if not ok]
+
+
+def _layout(flat: dict[str, Any]) -> dict[str, list]:
+    """{name: [shape, dtype name]} of a flat state (JSON-able)."""
+    return {k: [list(v.shape), str(v.dtype)] for k, v in flat.items()}
+
+
+def _layout_difference(saved: dict[str, list], current: dict[str, list]) -> list[str]:
+    """Arrays that are missing on one side or differ in shape or dtype."""
+    diffs = []
+    for name in sorted(set(saved) | set(current)):
+        if saved.get(name) != current.get(name):
+            diffs.append(f"{name}: {saved.get(name, 'missing')} (checkpoint) != "
+                         f"{current.get(name, 'missing')} (run)")
+    return diffs
 
 
 def _canonical(value: Any) -> Any:
@@ -222,7 +237,8 @@ class Checkpointer:
                                  "is saving now, and belongs to an earlier run it does not "
                                  "continue")
         meta = {"config": self.config, "data_states": _canonical(_gather_json(data_state)),
-                "step": step, "fingerprints": {k: int(v) for k, v in checksums.items()}}
+                "step": step, "fingerprints": {k: int(v) for k, v in checksums.items()},
+                "arrays": _layout(flat)}
         meta["digests"] = {part: _digest(meta[part]) for part in _DIGESTED}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=True)
@@ -291,8 +307,9 @@ class Checkpointer:
           data_state is this process's data-iterator position as it was passed to `save`.
 
         Raises:
-          ConfigMismatchError: the newest good checkpoint has a different config, was written
-            by a different number of processes, or `batches` refuses its data position.
+          ConfigMismatchError: the newest good checkpoint has a different config, holds arrays
+            of other names, shapes or dtypes than `template`, was written by a different number
+            of processes, or `batches` refuses its data position.
         """
         flat_template = flatten_state(template)
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
@@ -311,6 +328,12 @@ class Checkpointer:
                 raise ConfigMismatchError(
                     f"checkpoint step {step} in {self.directory} was written by a different "
                     f"config: {'; '.join(diffs)}")
+            layout = _layout_difference(meta["arrays"], _canonical(_layout(flat_template)))
+            if layout:
+                raise ConfigMismatchError(
+                    f"checkpoint step {step} in {self.directory} holds a state of another "
+                    f"structure than the run's: {'; '.join(layout[:5])}"
+                    + (f" and {len(layout) - 5} more" if len(layout) > 5 else ""))
             try:
                 flat, why = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract))).state, ""
