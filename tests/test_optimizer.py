@@ -22,7 +22,7 @@ from alignax.models import create, from_pretrained, tiny_config
 from alignax.training.checkpoint import flatten_state
 from alignax.training.mesh import make_mesh
 from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
-                                    make_schedule, split_model)
+                                    make_schedule, split_model, weight_decay_mask)
 
 LR, DECAY = 0.1, 0.5
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -122,6 +122,25 @@ def test_biases_and_norm_weights_are_not_decayed_kernels_and_embeddings_are(gpt2
     assert "h.0.ln_1.weight.value" not in decayed and "h.0.mlp.c_fc.bias.value" not in decayed
     assert {"h.0.attn.q_proj.kernel.value", "h.0.mlp.c_proj.kernel.value",
             "wte.embedding.value", "wpe.embedding.value"} <= decayed
+
+
+def test_gradients_carry_the_groups_of_their_parameters():
+    """optax.masked takes the mask of the *updates*: gradients of a real forward pass must keep
+    the parameters' names and logical axes, or norm weights would be decayed in the step."""
+    config = tiny_config("gpt2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1)
+    graphdef, params, rest = split_model(create(config, rngs=nnx.Rngs(0)))
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        ids = jnp.ones((1, 4), jnp.int32)
+        return jnp.sum(model.hidden_states(ids, attention_mask=ids))
+
+    grads = jax.jit(jax.grad(loss))(params)
+    exclude = OptimizerConfig().weight_decay_exclude
+    masks = [weight_decay_mask(tree, exclude) for tree in (params, grads)]
+    assert masks[0] == masks[1]
+    assert 0 < jax.tree.leaves(masks[0]).count(False) < len(jax.tree.leaves(masks[0]))
 
 
 def test_decay_groups_are_configurable(gpt2_params):
