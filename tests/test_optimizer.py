@@ -51,6 +51,7 @@ BAD = [
     (dict(weight_decay_exclude=("bias", "layernorm")), ValueError,
      r"unknown groups \['layernorm'\]"),
     (dict(weight_decay_exclude="bias"), TypeError, "weight_decay_exclude must be a tuple"),
+    (dict(weight_decay_exclude=None), TypeError, "weight_decay_exclude must be a tuple"),
 ]
 
 

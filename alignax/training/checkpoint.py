@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import operator
 import os
 import pathlib
 from typing import Any
@@ -217,9 +218,13 @@ class Checkpointer:
         Raises:
           NonFiniteStateError: a floating array of `state` holds NaN or inf (nothing is written).
         """
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        try:
+            index = operator.index(step)  # ints, NumPy and JAX integer scalars
+        except TypeError:
+            index = -1
+        if isinstance(step, bool) or index < 0:
             raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
-        step = int(step)
+        step = index
         if step in self._own or not (force or step % self.save_every == 0):
             return False
         flat = flatten_state(state)

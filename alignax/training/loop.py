@@ -152,6 +152,11 @@ def plot_metrics(path: str | pathlib.Path, out: str | pathlib.Path,
     plt.close(fig)
 
 
+def _newest(checkpointer: Checkpointer) -> str:
+    latest = checkpointer.latest_step()
+    return "none" if latest is None else f"step {latest}"
+
+
 def _save_final(checkpointer: Checkpointer | None, step: int, state: Any,
                 data_state: Any) -> str:
     """Checkpoints the state a run stops with; returns a sentence saying what is on disk."""
@@ -161,10 +166,8 @@ def _save_final(checkpointer: Checkpointer | None, step: int, state: Any,
         checkpointer.save(step, state, data_state=data_state, force=True)
         checkpointer.wait()
     except NonFiniteStateError as error:
-        latest = checkpointer.latest_step()
-        newest = "none" if latest is None else f"step {latest}"
         return (f"the state at step {step} was not checkpointed ({error}); the newest "
-                f"checkpoint on disk is {newest}")
+                f"checkpoint on disk is {_newest(checkpointer)}")
     if step not in checkpointer.all_steps():
         return f"the last state (step {step}) is not on disk"
     return f"the last good state (step {step}) was checkpointed"
@@ -243,11 +246,10 @@ def train(step: Callable, state: Any, batches: Iterator[dict], *, num_steps: int
                     checkpointer.save(index + 1, state, data_state=data_state,
                                       force=index + 1 == num_steps)
                 except NonFiniteStateError as error:
-                    latest = checkpointer.latest_step()
                     raise NonFiniteLossError(
                         f"the update of step {index + 1} left a non-finite state, which was not "
                         f"checkpointed ({error}); the newest checkpoint on disk is "
-                        f"{'none' if latest is None else f'step {latest}'}") from error
+                        f"{_newest(checkpointer)}") from error
     finally:
         bar.close()
         if checkpointer is not None:

@@ -152,7 +152,7 @@ class OptimizerConfig:
             raise ValueError(f"OptimizerConfig.max_grad_norm must be finite and > 0, or None, "
                              f"got {self.max_grad_norm!r}")
         exclude = self.weight_decay_exclude
-        if isinstance(exclude, str) or not all(isinstance(g, str) for g in exclude):
+        if not isinstance(exclude, (tuple, list)) or not all(isinstance(g, str) for g in exclude):
             raise TypeError("OptimizerConfig.weight_decay_exclude must be a tuple of group "
                             f"names from {DECAY_GROUPS}, got {exclude!r}")
         unknown = sorted(set(exclude) - set(DECAY_GROUPS))
