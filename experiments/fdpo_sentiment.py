@@ -189,8 +189,8 @@ def sft_reference(config: Config, tokenizer, mesh, params, graphdef, rest) -> ob
     arrays = {"chosen_input_ids": rows, "chosen_attention_mask": ones,
               "chosen_loss_mask": ones.astype(bool)}
     optimizer, schedule = make_optimizer(OptimizerConfig(
-        learning_rate=config.sft_learning_rate, schedule="cosine", warmup_steps=10,
-        total_steps=config.sft_steps))
+        learning_rate=config.sft_learning_rate, schedule="cosine",
+        warmup_steps=min(10, config.sft_steps), total_steps=config.sft_steps))
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(config.seed),
                                           mesh=mesh)
     step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="sft")), optimizer,
