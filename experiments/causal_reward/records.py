@@ -29,26 +29,32 @@ class StudyData:
     Attributes:
       study: the study's name ("sycophancy", "length", "concept", "discrimination").
       format: "standard" or "hh" (every split's records have it).
-      splits: split name -> records (JSON-able dicts).
+      splits: split name -> preference records (JSON-able dicts) in `format`.
+      evaluation: evaluation set name -> prompt-only records a study's metric is computed on
+        (e.g. the discrimination study's decision questions), written beside the splits.
       info: how the data was made (the builder's arguments, counts, coverage), JSON-able.
     """
 
     study: str
     format: str
     splits: dict[str, list[dict[str, Any]]]
+    evaluation: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.format not in RECORD_FORMATS:
             raise ValueError(f"format must be one of {RECORD_FORMATS}, got {self.format!r}")
+        clash = set(self.splits) & set(self.evaluation)
+        if clash:
+            raise ValueError(f"names used by both splits and evaluation sets: {sorted(clash)}")
 
     def write(self, directory: str | pathlib.Path) -> dict[str, pathlib.Path]:
-        """Writes `<split>.jsonl` per split and `info.json` under `directory`; returns the
-        split -> path map."""
+        """Writes `<name>.jsonl` per split and evaluation set, and `info.json`, under
+        `directory`; returns the name -> path map."""
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {name: write_jsonl(records, directory / f"{name}.jsonl")
-                 for name, records in self.splits.items()}
+                 for name, records in {**self.splits, **self.evaluation}.items()}
         (directory / "info.json").write_text(
             json.dumps({"study": self.study, "format": self.format, **self.info}, indent=2,
                        sort_keys=True) + "\n", encoding="utf-8")
