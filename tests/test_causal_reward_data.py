@@ -70,6 +70,31 @@ def test_split_sizes_and_intervals():
         mean_interval([1.0, math.nan])
 
 
+# the bounds BUILD.md states: (prompt tokens, response tokens) of each default build
+DEFAULT_BOUNDS = {"sycophancy": (30, 17), "length": (21, 38), "concept": (46, 6),
+                  "discrimination": (60, 2)}
+
+
+def test_default_builds_are_short_in_the_embedded_tokenizer(tok):
+    builds = [sycophancy.build_sycophancy(), length.build_length(), concept.build_concept(),
+              discrimination.build_discrimination()]
+    for study in builds:
+        records = [r for split in study.splits.values() for r in split]
+        if study.format == "hh":
+            prompts = [hh_split(r["chosen"])[0] for r in records]
+            responses = [hh_split(r[k])[1] for r in records for k in ("chosen", "rejected")]
+        else:
+            prompts = [r["prompt"] for r in records]
+            responses = [r[k] for r in records for k in ("chosen", "rejected")]
+        max_prompt, max_response = DEFAULT_BOUNDS[study.study]
+        assert max(_token_lengths(tok, prompts)) <= max_prompt, study.study
+        assert max(_token_lengths(tok, responses)) <= max_response, study.study
+    evaluation = builds[-1].evaluation
+    assert max(_token_lengths(tok, [discrimination.hh_prompt(q["filled_template"])
+                                    for q in evaluation["eval_explicit"]
+                                    + evaluation["eval_implicit"]])) <= 60
+
+
 # ---------------------------------------------------------------- sycophancy
 
 def test_sycophancy_prefix_rates_and_one_prefix_per_pair():
