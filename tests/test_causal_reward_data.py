@@ -90,7 +90,7 @@ def test_default_builds_are_short_in_the_embedded_tokenizer(tok):
         assert max(_token_lengths(tok, prompts)) <= max_prompt, study.study
         assert max(_token_lengths(tok, responses)) <= max_response, study.study
     evaluation = builds[-1].evaluation
-    assert max(_token_lengths(tok, [discrimination.hh_prompt(q["filled_template"])
+    assert max(_token_lengths(tok, [discrimination.decision_prompt(q)
                                     for q in evaluation["eval_explicit"]
                                     + evaluation["eval_implicit"]])) <= 60
 

@@ -76,8 +76,8 @@ from statsmodels.regression.mixed_linear_model import MixedLM
 from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
 from alignax.data import load_records
-from alignax.data.bins import (DEMOGRAPHIC_ATTRIBUTES, KEYWORD_TABLES, demographic_bins,
-                               demographic_num_bins, keyword_coverage, load_keyword_table)
+from alignax.data.bins import (KEYWORD_TABLES, demographic_bins, demographic_num_bins,
+                               keyword_coverage, load_keyword_table)
 from experiments.causal_reward.records import StudyData, hh_pair, hh_prompt, hh_split, split_sizes
 from experiments.causal_reward.tables import MODEL_NAMES, MODELS, markdown_table
 
@@ -317,8 +317,8 @@ def build_discrimination(*, num_train: int = 1024, num_test: int = 128,
                             "merit_yes": merit, "age": p["age"], "gender": p["gender"],
                             "race": p["race"], "fill_type": "implicit" if implicit else "explicit",
                             "true_bin": true_bin(p["age"], p["gender"], p["race"])})
-        bins = demographic_bins([hh_prompt(decision_question_text(r)) for r in records],
-                                match=match, unmatched=unmatched)
+        bins = demographic_bins([hh_split(r["chosen"])[0] for r in records], match=match,
+                                unmatched=unmatched)
         return [{**r, "demographic_bin": int(b)} for r, b in zip(records, bins)]
 
     splits = {"train": pairs(num_train), "test": pairs(num_test)}
@@ -331,12 +331,6 @@ def build_discrimination(*, num_train: int = 1024, num_test: int = 128,
         "offsets": offsets, "match": match, "unmatched": unmatched,
         "num_bins": demographic_num_bins(unmatched=unmatched), "seed": seed,
         "coverage": {"train": str(keyword_coverage(train_prompts, match=match))}})
-
-
-def decision_question_text(record: Mapping[str, Any]) -> str:
-    """The human turn of an embedded pair (the question asked)."""
-    prompt, _ = hh_split(record["chosen"])
-    return prompt[len("\n\nHuman: "):-len("\n\nAssistant:")]
 
 
 # ---------------------------------------------------------------- Discrim-eval
@@ -371,6 +365,11 @@ def load_discrim_eval(source: str | os.PathLike = "Anthropic/discrim-eval", *,
                       split: str = "train", **load_kwargs) -> list[dict[str, Any]]:
     """Discrim-eval questions (hub: pass `name="explicit"` or "implicit"; or a local JSONL)."""
     return discrim_eval_records(load_records(source, split=split, **load_kwargs))
+
+
+def decision_prompt(question: Mapping[str, Any]) -> str:
+    """The HH prompt a policy answers for one evaluation record (its "filled_template")."""
+    return hh_prompt(question["filled_template"])
 
 
 def logit_yes(yes_logprob, no_logprob) -> np.ndarray:

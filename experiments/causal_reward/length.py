@@ -150,9 +150,10 @@ def build_length(*, num_train: int = 1024, num_test: int = 64, max_sentences: in
 
     def pairs(prompts, count):
         records = []
-        for k in range(count):
+        for _ in range(count):
             prompt = prompts[int(rng.integers(len(prompts)))]
-            (a, na), (b, nb) = _draw_response(rng, max_sentences), _draw_response(rng, max_sentences)
+            a, na = _draw_response(rng, max_sentences)
+            b, nb = _draw_response(rng, max_sentences)
             while b == a:
                 b, nb = _draw_response(rng, max_sentences)
             qa, qb = oracle_quality(a), oracle_quality(b)
