@@ -277,8 +277,9 @@ reward_cols = list(range(len(MATCHED_BETAS), len(columns)))
 majority = sum(f[0] > 0.5 for f in fractions)
 chain_max = max(f[2] for f in fractions)
 findings = findings_for(beta_cols, "beta") + findings_for(reward_cols, "expected reward") + [
-    f"- The full chain RKL <= JSD <= alpha 0.3 <= 0.5 <= 0.7 <= FKL holds in at most "
-    f"{pct(chain_max)} of instances in any column.",
+    "- The full chain RKL <= JSD <= alpha 0.3 <= 0.5 <= 0.7 <= FKL holds in "
+    + (f"at most {chain_max:.1%} of instances in any column." if chain_max > 0 else
+       "no instance of any column."),
     f"- Reverse KL is the lowest-entropy optimum in a majority of instances in {majority} of the "
     f"{len(columns)} columns, so on this random bandit family the §2.6.2 ordering "
     + ("is" if majority == len(columns) and chain_max > 0.5 else "is not")

@@ -8,6 +8,7 @@ enumeration of all 256 responses).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -19,15 +20,16 @@ import alignax.eval as ev
 from alignax.eval.sampling import _sequence_logprobs
 from alignax.models import RewardEnsemble, create, create_reward_model, generate, tiny_config
 from alignax.models.generate import _generate
+from alignax.training.mesh import make_mesh
 
 VOCAB = 16
 EOS = 3
 
 
-def sharpened(seed: int, scale: float):
+def sharpened(seed: int, scale: float, mesh=None):
     """A tiny Llama over 16 tokens with every parameter scaled by `scale`: sharper next-token
     distributions than the near-uniform ones of a 0.02-std initialisation."""
-    model = create(tiny_config("llama", vocab_size=VOCAB), rngs=nnx.Rngs(seed))
+    model = create(tiny_config("llama", vocab_size=VOCAB), rngs=nnx.Rngs(seed), mesh=mesh)
     nnx.update(model, jax.tree.map(lambda p: p * scale, nnx.state(model, nnx.Param)))
     return model
 
@@ -125,6 +127,20 @@ def test_tempered_sampling_logprobs(models):
                                float64_logprobs(models[0], samples, 1.6), rtol=1e-5, atol=5e-5)
     with pytest.raises(ValueError, match="temperature=1"):
         ev.prompt_metrics(samples, reference_logprobs=samples.logprobs)
+
+
+def test_sampling_on_a_mesh_matches_unsharded(models):
+    sharded = sharpened(0, 2.0, mesh=make_mesh((2, 2, 2)))
+    ids, mask = prompts(1, 8)
+    config = dataclasses.replace(CONFIG, num_samples=2, temperature=0.0)
+    plain, on_mesh = (ev.sample(m, ids, mask, key=jax.random.key(0), config=config)
+                      for m in (models[0], sharded))
+    np.testing.assert_array_equal(on_mesh.tokens, plain.tokens)
+    np.testing.assert_array_equal(on_mesh.mask, plain.mask)
+    # the same float32 computation with sharded reductions: rounding-level differences
+    np.testing.assert_allclose(on_mesh.logprobs, plain.logprobs, rtol=1e-5, atol=5e-5)
+    np.testing.assert_allclose(ev.response_logprobs(sharded, plain), plain.logprobs, rtol=1e-5,
+                               atol=5e-5)
 
 
 def test_no_recompilation_across_batches_policies_and_prompt_sets(models, drawn):
