@@ -79,6 +79,17 @@ def test_sample_layout(drawn):
     assert len({tuple(r) for r in samples.tokens.reshape(15, 5).tolist()}) > 5
 
 
+def test_wider_right_padded_prompts_are_repacked(models, drawn):
+    ids, mask, samples = drawn
+    real = [row[m] for row, m in zip(ids, mask)]
+    wide = np.zeros((5, 9), np.int32)  # right-padded, wider than prompt_length = 6
+    for i, r in enumerate(real):
+        wide[i, :len(r)] = r
+    again = ev.sample(models[0], wide, wide > 0, key=jax.random.key(0), config=CONFIG)
+    np.testing.assert_array_equal(again.prompt_ids, samples.prompt_ids)
+    np.testing.assert_array_equal(again.tokens, samples.tokens)  # same rows, same key
+
+
 def test_greedy_samples_equal_generate(models):
     ids, mask = prompts(1, 8)
     config = ev.SamplingConfig(num_samples=1, max_new_tokens=5, temperature=0.0,

@@ -187,9 +187,9 @@ def _left_pad(prompt_ids: np.ndarray, prompt_mask: np.ndarray, config: SamplingC
     if long.size:
         raise ValueError(f"prompts {long[:8].tolist()} have more than prompt_length={width} "
                          f"real tokens")
-    # Keep the last `width` columns once every prompt fits in them, else pad on the left.
     if ids.shape[1] > width:
-        # Real tokens might sit anywhere (right padding): gather each row's real tokens.
+        # Wider than L but every prompt fits: move each row's real tokens (left- or
+        # right-padded) to the right end of an L-wide row.
         out_ids = np.full((ids.shape[0], width), config.pad_token_id, np.int32)
         out_mask = np.zeros((ids.shape[0], width), bool)
         for i in range(ids.shape[0]):
