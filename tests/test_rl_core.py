@@ -11,10 +11,12 @@ import pytest
 from alignax.divergences import f_divergence, get_divergence
 from alignax.rl.advantages import (explained_variance, gae, group_advantages, masked_mean,
                                    masked_whiten)
+from alignax.rl.config import PPOConfig, RolloutConfig
 from alignax.rl.kl_control import KLControllerConfig, update_coef
 from alignax.rl.losses import clipped_surrogate, clipped_value_loss
 from alignax.rl.penalties import (PenaltyConfig, divergence_estimate, loss_penalty,
                                   reward_penalty)
+from alignax.rl.step import normalize_scores, prepare_batch
 
 DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("alpha", 0.5),
                ("alpha", 0.2)]
@@ -264,3 +266,71 @@ def test_alpha_penalty_interpolates_between_the_kls():
                                    divergence_estimate(PenaltyConfig(limit), h),
                                    rtol=2e-3, atol=2e-3)
     assert get_divergence("alpha", alpha=0.3).conjugate().alpha == pytest.approx(0.7)
+
+
+# ---------------------------------------------------------------- rollout batch -> advantages
+
+def test_running_reward_moments_match_numpy_over_batches():
+    config = PPOConfig(reward_normalization="running", reward_clip=1.5)
+    rng = np.random.default_rng(7)
+    batches = [rng.normal(3.0, 2.0, n).astype(np.float32) for n in (8, 5, 11)]
+    moments = jnp.zeros(3, jnp.float32)
+    for i, scores in enumerate(batches):
+        processed, moments = normalize_scores(config, jnp.asarray(scores), moments)
+        seen = np.concatenate(batches[:i + 1]).astype(np.float64)
+        np.testing.assert_allclose(moments, [seen.size, seen.mean(), ((seen - seen.mean())**2)
+                                             .sum()], rtol=1e-5)
+        want = np.clip((scores - seen.mean()) / seen.std(), -1.5, 1.5)
+        np.testing.assert_allclose(processed, want, rtol=1e-4, atol=1e-5)
+    batch_config = PPOConfig(reward_normalization="batch")
+    processed, _ = normalize_scores(batch_config, jnp.asarray(batches[0]), jnp.zeros(3))
+    np.testing.assert_allclose(processed, (batches[0] - batches[0].mean()) / batches[0].std(),
+                               rtol=1e-4, atol=1e-5)
+
+
+def rollout_batch(seed=0, *, rows=4, length=5):
+    rng = np.random.default_rng(seed)
+    lengths = np.array([5, 2, 3, 1])[:rows]
+    mask = np.arange(length)[None, :] < lengths[:, None]
+    old, ref = rng.normal(-2.0, 0.5, (2, rows, length)).astype(np.float32)
+    return {"response_mask": mask, "old_logps": np.where(mask, old, 0.0),
+            "ref_logps": np.where(mask, ref, 0.0),
+            "old_values": np.where(mask, rng.normal(0, 1, (rows, length)), 0.0).astype(
+                np.float32),
+            "scores": rng.normal(0, 1, rows).astype(np.float32)}, lengths
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl"])
+def test_ppo_reward_places_the_score_and_the_penalty(level, divergence):
+    batch, lengths = rollout_batch()
+    penalty = PenaltyConfig(divergence, level=level)
+    config = PPOConfig(penalty=penalty, gamma=1.0, lam=1.0, whiten_advantages=False)
+    prepared, _, metrics = prepare_batch(config, batch, jnp.float32(0.3), jnp.zeros(3))
+    h = np.float64(batch["old_logps"] - batch["ref_logps"])
+    rewards = np.zeros(h.shape)
+    for b, n in enumerate(lengths):  # the score on the last token, penalties per token / row
+        rewards[b, n - 1] = batch["scores"][b]
+        if level == "token":
+            rewards[b, :n] -= 0.3 * np.float64(reward_penalty(penalty, h[b, :n]))
+        else:
+            rewards[b, n - 1] -= 0.3 * float(reward_penalty(penalty, h[b, :n].sum()))
+    advantages, returns = np_gae(rewards, np.float64(batch["old_values"]), lengths, 1.0, 1.0)
+    np.testing.assert_allclose(prepared["advantages"], advantages, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(prepared["returns"], returns, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(metrics["kl"], np.mean([h[b, :n].sum() for b, n in
+                                                       enumerate(lengths)]), rtol=1e-5)
+
+
+def test_ppo_loss_keeps_the_reward_and_grpo_broadcasts_group_advantages():
+    batch, lengths = rollout_batch(1)
+    config = PPOConfig(penalty=PenaltyConfig("jsd", placement="loss"), advantage="grpo",
+                       rollout=RolloutConfig(samples_per_prompt=2), whiten_advantages=False)
+    prepared, _, metrics = prepare_batch(config, batch, jnp.float32(0.3), jnp.zeros(3))
+    groups = batch["scores"].reshape(2, 2)  # no penalty in the reward under PPO(loss)
+    per_row = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, keepdims=True) + 1e-6)
+               ).reshape(-1)
+    np.testing.assert_allclose(prepared["advantages"],
+                               np.where(batch["response_mask"], per_row[:, None], 0.0),
+                               rtol=1e-5, atol=1e-6)
+    assert metrics["return"] == pytest.approx(batch["scores"].mean(), rel=1e-6)
