@@ -19,8 +19,10 @@ One warm-up iteration compiles everything; the next `--iterations` are timed (me
 generation, scoring and update functions are built with `max_traces=1` (a second trace would
 raise) and their jit caches are read before and after the timed iterations. The update's
 model FLOPs are counted as 6 N T per epoch (Kaplan et al., 2020): N the parameters of policy
-and critic, T the tokens of the rollout batch (prompt + response columns; attention's T^2 term
-left out). XLA's `cost_analysis()` is no use here: it counts the body of the update's loops
+and critic that enter matmuls (all but the input embedding tables: the presets are untied
+Llamas, and the critic, a copy of the policy, has no output projection), T the tokens of the
+rollout batch (prompt + response columns; attention's T^2 term and the chunked log-probs'
+recomputation left out). XLA's `cost_analysis()` is no use here: it counts the body of the update's loops
 (epochs x minibatches, vocabulary chunks) once. With `--peak-tflops` (or a known GPU) the
 table adds the update's model FLOP utilisation. Prints a table and one JSON line.
 """
@@ -102,7 +104,8 @@ def main() -> None:
     caches = {name: fn._cache_size() for name, fn in
               (("generate", trainer._generate), ("score", trainer._score),
                ("update", trainer._update))}
-    num_params = sum(x.size for x in jax.tree.leaves(state.train.params))
+    num_params = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(
+        state.train.params)[0] if "embed_tokens" not in jax.tree_util.keystr(path))
     flops = 6.0 * num_params * prompts * (prompt_len + new_tokens) * args.epochs
     times = {phase: [] for phase in PHASES}
     for _ in range(args.iterations):
@@ -131,7 +134,7 @@ def main() -> None:
     print(f"{'iteration':10s} {1e3 * total:10.1f} {1:7.0%}")
     print(f"samples/s (responses per iteration / iteration time): {prompts / total:.1f}; "
           f"update: {update_flops_per_s / 1e9:.2f} GFLOP/s of 6 N T model FLOPs "
-          f"(N = {num_params / 1e6:.2f} M parameters)"
+          f"(N = {num_params / 1e6:.3f} M matmul parameters)"
           + ("" if mfu is None else f", MFU {mfu:.1%}"))
     print(f"jit cache entries after warm-up {caches} and after {args.iterations} iterations "
           f"{after}: {'no recompilation' if caches == after else 'RECOMPILED'}")

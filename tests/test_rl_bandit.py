@@ -3,7 +3,7 @@ which pins the divergence conventions of `alignax.rl.penalties`; PPO(reward) wit
 penalty f(u)/u does not for JS, forward KL and alpha, and the test measures why (§2.8.1).
 
 One instance, beta = 2, 3 seeds vmapped; one compilation per divergence and penalty form serves
-both placements (`beta_reward` / `beta_loss` are traced).
+both placements (`placement_study`: `beta_reward` / `beta_loss` are traced).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignax.rl.bandit import BanditPPOConfig, train_bandit_ppo
+from alignax.rl.bandit import PLACEMENTS, BanditPPOConfig, placement_study
 from alignax.rl.penalties import PenaltyConfig
 from alignax.toy.bandit import optimal_policy, random_instance
 
@@ -42,18 +42,11 @@ def runs(divergence, alpha, reward_penalty):
     config = BanditPPOConfig(penalty=PenaltyConfig(divergence, alpha,
                                                    reward_penalty=reward_penalty),
                              num_iterations=150, batch_size=128, learning_rate=0.1)
-    betas = jnp.array([[BETA, 0.0], [0.0, BETA]])  # (beta_reward, beta_loss) per placement
-
-    @jax.jit
-    def study(keys):
-        def one(coefs, key):
-            return train_bandit_ppo(INSTANCE.reward, INSTANCE.ref_logprobs, key=key,
-                                    beta_reward=coefs[0], beta_loss=coefs[1], config=config)
-        return jax.vmap(lambda c: jax.vmap(lambda k: one(c, k))(keys))(betas)
-
-    log_pi, history = jax.device_get(study(jax.random.split(jax.random.key(0), SEEDS)))
+    study = jax.jit(functools.partial(placement_study, INSTANCE.reward, INSTANCE.ref_logprobs,
+                                      beta=BETA, config=config))
+    log_pi, history = jax.device_get(study(keys=jax.random.split(jax.random.key(0), SEEDS)))
     return {placement: (log_pi[i], jax.tree.map(lambda x: x[i], history))
-            for i, placement in enumerate(("reward", "loss"))}
+            for i, placement in enumerate(PLACEMENTS)}
 
 
 def test_the_optima_differ_enough_to_pin_the_divergence():

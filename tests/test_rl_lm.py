@@ -218,10 +218,12 @@ def test_ppo_loss_with_grpo_and_a_pessimistic_ensemble_reward():
             jnp.asarray(PROMPT_IDS[4:8]), jnp.asarray(PROMPT_MASK[4:8]))
     members = ensemble(jnp.concatenate(args[::2], 1), jnp.concatenate(args[1::2], 1))  # [2, B]
     np.testing.assert_allclose(reward(*args), np.min(members, 0), rtol=1e-6)
-    # PPO(loss) under JS at the response level, critic-free with GRPO group baselines.
+    # PPO(loss) under JS at the response level, critic-free with GRPO group baselines, in
+    # bfloat16 with the forward pass rematerialised.
     config = dataclasses.replace(PPO, penalty=PenaltyConfig("jsd", placement="loss",
                                                             level="sequence"),
-                                 advantage="grpo", epochs=1)
+                                 advantage="grpo", epochs=1, compute_dtype="bfloat16",
+                                 remat="dots")
     trainer = PPOTrainer(ActorCritic(create(CONFIG, rngs=nnx.Rngs(0))), reward, config=config,
                          mesh=SINGLE, optimizer=ADAM)
     state = trainer.init_state(jax.random.PRNGKey(0))
@@ -229,6 +231,7 @@ def test_ppo_loss_with_grpo_and_a_pessimistic_ensemble_reward():
     state, metrics = trainer.iteration(state, jnp.asarray(PROMPT_IDS), jnp.asarray(PROMPT_MASK))
     assert metrics["update_applied"] == 1.0 and "value_loss" not in metrics
     assert np.isfinite(metrics["divergence_loss"]) and metrics["divergence_loss"] >= 0
+    assert all(np.isfinite(v) for v in metrics.values())
     moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), host(state.train.params), before)
     assert max(jax.tree.leaves(moved)) > 0
     with pytest.raises(ValueError, match="advantage='gae' needs a critic"):

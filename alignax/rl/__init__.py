@@ -18,6 +18,7 @@ from alignax.rl.advantages import gae
 from alignax.rl.advantages import group_advantages
 from alignax.rl.advantages import masked_whiten
 from alignax.rl.bandit import BanditPPOConfig
+from alignax.rl.bandit import placement_study
 from alignax.rl.bandit import train_bandit_ppo
 from alignax.rl.config import PPOConfig
 from alignax.rl.config import RolloutConfig
@@ -61,6 +62,7 @@ __all__ = [
     "loss_penalty",
     "make_ppo_optimizer",
     "masked_whiten",
+    "placement_study",
     "prompt_batches",
     "resume",
     "reward_penalty",

@@ -133,3 +133,39 @@ def train_bandit_ppo(reward: jax.Array, ref_logprobs: jax.Array, *, key: jax.Arr
     (params, _), history = jax.lax.scan(iteration, (params, optimizer.init(params)),
                                         jnp.arange(config.num_iterations))
     return jax.nn.log_softmax(params[0]), history
+
+
+PLACEMENTS = ("reward", "loss")
+
+
+def placement_study(reward: jax.Array, ref_logprobs: jax.Array, *, keys: jax.Array,
+                    beta: float | jax.Array, config: BanditPPOConfig = BanditPPOConfig()
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO(reward) and PPO(loss) at one beta, over seeds, in one vmapped computation.
+
+    Args:
+      reward, ref_logprobs: [N] the instance.
+      keys: [S] PRNG keys, one run per key and placement.
+      beta: the penalty coefficient of both placements.
+      config: static settings (divergence and PPO(reward)'s penalty form in `config.penalty`).
+
+    Returns:
+      (log pi [2, S, N], history of [2, S, num_iterations] arrays), the leading axis in the
+      order of `PLACEMENTS` ("reward", "loss").
+
+    Examples:
+      >>> import jax
+      >>> from alignax.toy.bandit import random_instance
+      >>> instance = random_instance(jax.random.key(0), num_responses=4)
+      >>> log_pi, history = placement_study(*instance, keys=jax.random.split(
+      ...     jax.random.key(1), 2), beta=1.0, config=BanditPPOConfig(num_iterations=3))
+      >>> log_pi.shape, history["min_prob"].shape
+      ((2, 2, 4), (2, 2, 3))
+    """
+    coefficients = jnp.array([[1.0, 0.0], [0.0, 1.0]]) * beta  # (beta_reward, beta_loss)
+
+    def one(coefs, key):
+        return train_bandit_ppo(reward, ref_logprobs, key=key, beta_reward=coefs[0],
+                                beta_loss=coefs[1], config=config)
+
+    return jax.vmap(lambda c: jax.vmap(lambda k: one(c, k))(keys))(coefficients)

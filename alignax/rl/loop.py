@@ -94,7 +94,8 @@ def train_ppo(trainer: PPOTrainer, state: PPOState, prompts: Iterator[dict], *,
       num_iterations: total rollout batches of the run.
       checkpointer, logger: optional `Checkpointer` and `MetricsLogger`.
       plot_path: where to write a PNG of `PLOTTED` (needs a logger).
-      on_iteration: optional callback(iteration, metrics) after each iteration.
+      on_iteration: optional callback(iteration, metrics) after each iteration, before that
+        iteration's checkpoint is written.
     """
     start = int(state.iteration)
     bar = tqdm.tqdm(total=num_iterations, initial=start, desc="ppo", disable=not progress,

@@ -17,11 +17,15 @@ Three critics, one interface (`ActorCritic.forward`):
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from alignax.models.causal_lm import CausalLM
+from alignax.models.config import ModelConfig
+from alignax.models.registry import FAMILY_CLASSES
 from alignax.models.reward import RewardModel
 
 
@@ -77,9 +81,21 @@ class Critic(nnx.Module):
 
     @classmethod
     def from_policy(cls, policy: CausalLM) -> Critic:
-        """A copy of the policy's backbone with a zero value head."""
-        return cls(_copy_arrays(policy), ValueHead.zeros(policy.arch.hidden_size,
-                                                         param_dtype=policy.param_dtype))
+        """A copy of the policy's backbone with a zero value head.
+
+        The copy is built with tied embeddings, so an untied policy's [D, V] output projection
+        (which a critic never uses) is not copied: every other array is the policy's, copied.
+        """
+        config = copy.deepcopy(policy.config)
+        config.tie_word_embeddings = True
+        family = FAMILY_CLASSES[ModelConfig.from_hf(config).family]
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: family(
+            config, rngs=nnx.Rngs(0), dtype=policy.dtype, param_dtype=policy.param_dtype)))
+        source = dict(nnx.to_flat_state(nnx.state(policy)))
+        leaves = [(path, variable.replace(jnp.copy(source[path][...])))
+                  for path, variable in nnx.to_flat_state(abstract)]
+        return cls(nnx.merge(graphdef, nnx.from_flat_state(leaves)),
+                   ValueHead.zeros(policy.arch.hidden_size, param_dtype=policy.param_dtype))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:

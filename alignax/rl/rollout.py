@@ -39,8 +39,8 @@ def response_columns(x: jax.Array, prompt_length: int, num_tokens: int) -> jax.A
 
 
 def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperature: float,
-                    chunk_size: int, vocab_chunk_size: int | None
-                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+                    chunk_size: int, vocab_chunk_size: int | None, entropy: bool = True
+                    ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Per-token log-probs, entropies and values of the policy on the batch's responses.
 
     Args:
@@ -49,9 +49,11 @@ def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperat
         "response_mask" [B, N].
       temperature: the sampling temperature (the policy is softmax(logits / temperature)).
       chunk_size, vocab_chunk_size: `chunked_token_logprobs` blocks.
+      entropy: also compute each position's entropy (None otherwise).
 
     Returns:
-      (logps [B, N], entropies [B, N], values [B, N] or None without a critic), float32.
+      (logps [B, N], entropies [B, N] or None, values [B, N] or None without a critic),
+      float32.
     """
     prompt_length, num_tokens = (batch["prompt_input_ids"].shape[1],
                                  batch["response_ids"].shape[1])
@@ -61,9 +63,10 @@ def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperat
     hidden = response_columns(hidden, prompt_length, num_tokens)  # [B, N, D]
     if temperature != 1.0:
         hidden = hidden.astype(jnp.float32) / temperature  # logits / tau
-    logps, entropies = chunked_token_logprobs(
+    out = chunked_token_logprobs(
         hidden, model.policy.unembedding(), batch["response_ids"], chunk_size=chunk_size,
-        vocab_chunk_size=vocab_chunk_size, return_entropy=True)
+        vocab_chunk_size=vocab_chunk_size, return_entropy=entropy)
+    logps, entropies = out if entropy else (out, None)
     if values is not None:
         values = response_columns(values, prompt_length, num_tokens)
     return logps, entropies, values
@@ -125,7 +128,7 @@ def make_score(graphdef: nnx.GraphDef, rest: Any, policy_graphdef: nnx.GraphDef,
 
     def fn(params, reference_params, batch):
         model = nnx.merge(graphdef, cast_floating(params, dtype), rest)
-        logps, _, values = score_responses(model, batch, **blocks)
+        logps, _, values = score_responses(model, batch, entropy=False, **blocks)
         reference = nnx.merge(policy_graphdef, cast_floating(reference_params, dtype),
                               policy_rest)
         ref_logps = reference_logprobs(reference, batch, **blocks)
