@@ -55,7 +55,10 @@ def train_state_shardings(params, optimizer: optax.GradientTransformation,
     (`optax.multi_transform`, as `make_ppo_optimizer` builds): the masked placeholders of each
     group's state stay placeholders, everything else follows its parameter."""
     plain = state_shardings(params, optax.identity(), mesh)  # params' shardings, via state.py
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+
+    def masked(x):
+        return isinstance(x, optax.MaskedNode)
+
     opt_state = optax.tree_map_params(
         optimizer, lambda value, sharding: value if masked(value) else sharding,
         jax.eval_shape(optimizer.init, params), plain.params,
