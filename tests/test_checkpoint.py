@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent('''
     from alignax.training.checkpoint import Checkpointer, flatten_state
     from alignax.training.loop import train
     from alignax.training.mesh import make_mesh
-    from alignax.training.objectives import ObjectiveConfig, make_objective
+    from alignax.objectives import DPO
     from alignax.training.state import OptimizerConfig, create_train_state, make_optimizer, split_model
     from alignax.training.step import StepConfig, make_train_step
 
@@ -59,7 +59,7 @@ SCRIPT = textwrap.dedent('''
                                                          warmup_steps=2, total_steps=steps))
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
     reference = jax.tree.map(lambda x: x.copy(), state.params)
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(beta=0.5)), optimizer,
+    step = make_train_step(graphdef, DPO(beta=0.5), optimizer,
                            schedule, mesh=mesh, state_shardings=shardings, model_state=rest,
                            config=StepConfig(chunk_size=16))
     checkpointer = Checkpointer(run / "checkpoints", config={"lr": 1e-3, "steps": steps},
