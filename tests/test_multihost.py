@@ -25,6 +25,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.multihost_utils import process_allgather
@@ -81,7 +82,8 @@ def train(mesh, local_batches):
         batch = global_batch(local, mesh)
         state, metrics = step(state, batch, reference)
         losses.append(float(metrics["loss"]))
-        gradients.append(state.opt_state)  # sgd_recording_gradients' state: this step's gradient
+        # sgd_recording_gradients' state is this step's gradient (copied: the state is donated)
+        gradients.append(jax.tree.map(jnp.copy, state.opt_state))
         batches.append(batch)
     return losses, gradients, state, batches
 

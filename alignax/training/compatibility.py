@@ -96,6 +96,12 @@ def check_batch(objective: Objective, columns: Mapping[str, tuple[tuple[int, ...
     def fail(problem: str) -> ValueError:
         return ValueError(f"{name}: {problem}")
 
+    def refuse(predicate: str) -> ValueError:  # "<name> needs ..." / "<name> takes ..."
+        return ValueError(f"{name} {predicate}")
+
+    def wrong_data(problem: str) -> ValueError:
+        return ValueError(f"{name} needs {needs.data_phrase()}; {source}{problem}")
+
     def column(key: str, kind: str, ranks: tuple[int, ...], what: str):
         if key not in columns:
             raise fail(f"the column {key!r} ({what}) is missing from {source}")
@@ -125,15 +131,15 @@ def check_batch(objective: Objective, columns: Mapping[str, tuple[tuple[int, ...
     for role in needs.roles:
         lead = f"{role}_loss_mask" if share_prompt else f"{role}_input_ids"
         if lead not in columns:
-            raise fail(f"{name} needs {needs.data_phrase()}; {source}, with response roles "
-                       f"{roles_present or 'none'} (no column {lead!r})")
+            raise wrong_data(f", with response roles {roles_present or 'none'} (no column "
+                             f"{lead!r})")
         rank = len(columns[lead][0])
         if needs.grouped is True and rank == 2:
-            raise fail(f"{name} needs {needs.data_phrase()}; {source}: {lead!r} is [B, T] "
-                       f"{_shape(columns[lead][0])}, not grouped [B, K, T]")
+            raise wrong_data(f": {lead!r} is [B, T] {_shape(columns[lead][0])}, not grouped "
+                             "[B, K, T]")
         if needs.grouped is False and rank == 3:
-            raise fail(f"{name} needs {needs.data_phrase()}; {source}: {lead!r} is grouped "
-                       f"[B, K, T] {_shape(columns[lead][0])}; use mdpo or mipo for groups")
+            raise wrong_data(f": {lead!r} is grouped [B, K, T] {_shape(columns[lead][0])}; "
+                             "use mdpo or mipo for groups")
         ranks = {True: (3,), False: (2,), None: (2, 3)}[needs.grouped]
         what = "[B, K, T]" if ranks == (3,) else "[B, T] or [B, K, T]" if len(ranks) == 2 else "[B, T]"
         if share_prompt:
@@ -170,24 +176,25 @@ def check_batch(objective: Objective, columns: Mapping[str, tuple[tuple[int, ...
         for role in needs.roles:
             key = f"{role}_bin" if f"{role}_bin" in columns else "bin"
             if key not in columns:
-                raise fail(f"{name} needs the bin of a spurious attribute per record ('bin') or "
-                           f"per response ({', '.join(repr(f'{r}_bin') for r in needs.roles)}); "
-                           f"{source} has neither: prepare the data with bin_column= or bin_fn=")
+                raise refuse(f"needs the bin of a spurious attribute per record ('bin') or per "
+                             f"response ({', '.join(repr(f'{r}_bin') for r in needs.roles)}); "
+                             f"{source}, with neither: prepare the data with bin_column= or "
+                             "bin_fn=")
             if key not in read:
                 column(key, _INTEGER, (1,), "bins [B]")
 
     if needs.target_rewards:
         for key in ("target_rewards_1", "target_rewards_2"):
             if key not in columns:
-                raise fail(f"{name} needs the target rewards 'target_rewards_1' / "
-                           f"'target_rewards_2' of a reward model (or ensemble) for each pair; "
-                           f"{source} has no {key!r}: label the pairs first "
-                           f"(prepare_dataset(reward_columns=...))")
+                raise refuse(f"needs the target rewards 'target_rewards_1' / 'target_rewards_2' "
+                             f"of a reward model (or ensemble) for each pair; {source}, "
+                             f"without {key!r}: label the pairs first "
+                             "(prepare_dataset(reward_columns=...))")
         shape = column("target_rewards_1", _FLOAT, (1, 2), "target rewards, [B] or [B, E]")
         if len(shape) == 2 and not needs.ensemble:
-            raise fail(f"{name} takes one target reward per response ([B]); 'target_rewards_1' "
-                       f"holds an ensemble of E = {shape[1]} {_shape(shape)} ({source}): use "
-                       "pessimistic_distill (e-DPO) for an ensemble")
+            raise refuse(f"takes one target reward per response ([B]); 'target_rewards_1' "
+                         f"holds an ensemble of E = {shape[1]} {_shape(shape)} ({source}): use "
+                         "pessimistic_distill (e-DPO) for an ensemble")
         same_shape("target_rewards_2", shape, _FLOAT, "target rewards", "target_rewards_1")
     return tuple(read)
 
