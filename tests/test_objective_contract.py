@@ -50,7 +50,7 @@ EXAMPLES = {"sft": SFT(), "fdpo": FDPO(divergence="jsd"), "dpo": DPO(beta=0.2), 
 # ------------------------------------------------------------------ registry and validation
 
 def test_the_registry_holds_every_objective_once():
-    assert set(EXAMPLES) == set(OBJECTIVES)
+    assert set(EXAMPLES) == {n for n, c in OBJECTIVES.items() if c.__module__.startswith("alignax.")}
     for name, objective in EXAMPLES.items():
         assert type(objective).name == name and isinstance(objective, Objective)
         config = objective_to_config(objective)

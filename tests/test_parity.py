@@ -114,7 +114,7 @@ class OneAtATime(Objective):
 
 def test_every_registered_objective_is_covered():
     covered = {type(m).name for members in KINDS.values() for m, _ in members}
-    assert covered == set(OBJECTIVES)
+    assert covered == {n for n, cls in OBJECTIVES.items() if cls.__module__.startswith("alignax.")}
     divergences = {m.divergence for m, _ in KINDS["lm"] if isinstance(m, FDPO)}
     assert divergences == {"reverse_kl", "forward_kl", "jsd", "alpha"}
 
