@@ -58,7 +58,7 @@ PAIR = [DPO(beta=0.5), FDPO(beta=0.5, divergence="forward_kl"), FDPO(beta=0.5, d
         IPO(tau=0.5, length_normalized=True), PessimisticDPO(beta=0.5, gamma=0.2),
         CausalDPO(beta=0.5, lam=2.0, num_bins=2), CausalDPO(beta=0.5, lam=2.0, num_bins=2,
                                                             conditional=True), SFT()]
-ENSEMBLE = 5  # the batch's target rewards are [B, 5]
+ENSEMBLES = {"lm": 5, "groups": 3}  # the batches' target rewards are [B, E]: E = 5 and E = 3
 
 
 def first_reward(columns):
@@ -66,20 +66,15 @@ def first_reward(columns):
     return {**columns, **{k: columns[k][:, 0] for k in ("target_rewards_1", "target_rewards_2")}}
 
 
-def first_three(columns):
-    """An ensemble of E = 3: members 0-2 of the batch's [B, 5] rewards."""
-    return {**columns, **{k: columns[k][:, :3] for k in ("target_rewards_1", "target_rewards_2")}}
-
-
 KINDS = {  # kind -> [(objective, view of the side columns or None)]
     # a causal LM on batches with pairs (chosen/rejected) AND unlabeled pairs (response_1/2)
     "lm": [(o, None) for o in PAIR] + [(_nll(o), None) for o in PAIR if hasattr(o, "nll_weight")]
     + [(Distill(beta=0.5), first_reward),  # d-DPO
        (PessimisticDistill(beta=0.5, gamma=0.2), first_reward),  # pd-DPO, E = 1
-       (PessimisticDistill(beta=0.5, gamma=0.2), first_three),  # e-DPO, E = 3
        (PessimisticDistill(beta=0.5, gamma=0.2), None)],  # e-DPO, E = 5
+    # a causal LM on batches with groups AND unlabeled pairs with E = 3 target rewards
     "groups": [(o, None) for o in (MDPO(beta=0.5), MIPO(tau=0.5), _nll(MDPO(beta=0.5)),
-                                   _nll(MIPO(tau=0.5)))],
+                                   _nll(MIPO(tau=0.5)), PessimisticDistill(beta=0.5, gamma=0.2))],
     "reward": [(o, None) for o in (BradleyTerry(margin=0.1), CausalReward(lam=2.0, num_bins=2),
                                    CausalReward(lam=2.0, num_bins=2, conditional=False))],
 }
@@ -98,8 +93,10 @@ class OneAtATime(Objective):
     def needs(self) -> Needs:
         needs = [m.needs for m, _ in self.members]
         roles = tuple(dict.fromkeys(r for n in needs for r in n.roles))  # union, in order
+        grouped = {n.grouped for n in needs}
         return dataclasses.replace(
-            needs[0], roles=roles, reference=any(n.reference for n in needs),
+            needs[0], roles=roles, grouped=grouped.pop() if len(grouped) == 1 else None,
+            reference=any(n.reference for n in needs),
             bins=any(n.bins for n in needs), target_rewards=any(n.target_rewards for n in needs),
             ensemble=any(n.ensemble for n in needs), batch_level=any(n.batch_level for n in needs))
 
@@ -124,24 +121,33 @@ def batch_for(kind: str) -> dict[str, np.ndarray]:
     """A collated batch of B = 8 random examples (real `collate`): prompts of 2-4 tokens,
     responses of 3-8; "lm": chosen/rejected pairs, unlabeled response_1/response_2 with [B, 5]
     target rewards, per-record bins and per-response bins; "groups": 2-3 chosen and 2-3
-    rejected responses padded to K = 3; "reward": pairs with per-record bins."""
+    rejected responses padded to K = 3, and unlabeled pairs with [B, 3] target rewards;
+    "reward": pairs with per-record bins."""
     rng = np.random.default_rng(list(KINDS).index(kind))
     draw = lambda n: rng.integers(1, VOCAB, n).astype(np.int32)  # noqa: E731
     examples = []
     for i in range(BATCH):
         sizes = {"chosen": 2 + i % 2, "rejected": 3 - i % 2} if kind == "groups" else {
             "chosen": 1, "rejected": 1}
-        if kind == "lm":
+        if kind in ENSEMBLES:
             sizes.update(response_1=1, response_2=1)
         responses = {r: tuple(draw(rng.integers(3, RESPONSE + 1)) for _ in range(k))
                      for r, k in sizes.items()}
-        rewards = ({r: tuple(rng.normal(0, 1, ENSEMBLE)) for r in ("response_1", "response_2")}
-                   if kind == "lm" else {})
+        rewards = {r: tuple(rng.normal(0, 1, ENSEMBLES[kind]))
+                   for r in ("response_1", "response_2")} if kind in ENSEMBLES else {}
         examples.append(TokenizedExample(index=i, prompt_ids=draw(rng.integers(2, PROMPT + 1)),
                                          responses=responses, rewards=rewards, bin=i % 2))
-    groups = {"chosen": 3, "rejected": 3} if kind == "groups" else None
-    batch = collate(examples, buckets=(PROMPT + RESPONSE,), prompt_buckets=(PROMPT,),
-                    pad_token_id=0, group_sizes=groups)
+    collate_kw = dict(buckets=(PROMPT + RESPONSE,), prompt_buckets=(PROMPT,), pad_token_id=0)
+    if kind == "groups":  # grouped chosen/rejected [B, K, T] next to unlabeled pairs [B, T]
+        split = [{r: ex.responses[r] for r in roles} for ex in examples
+                 for roles in (("chosen", "rejected"), ("response_1", "response_2"))]
+        grouped = [dataclasses.replace(ex, responses=split[2 * i], rewards={})
+                   for i, ex in enumerate(examples)]
+        unlabeled = [dataclasses.replace(ex, responses=split[2 * i + 1])
+                     for i, ex in enumerate(examples)]
+        return {**collate(unlabeled, **collate_kw),
+                **collate(grouped, group_sizes={"chosen": 3, "rejected": 3}, **collate_kw)}
+    batch = collate(examples, **collate_kw)
     if kind == "lm":  # per-response bins, which the causal objectives prefer to "bin"
         batch["chosen_bin"] = np.array([0, 1] * (BATCH // 2), np.int32)
         batch["rejected_bin"] = np.array([0, 0, 1, 1] * (BATCH // 4), np.int32)
@@ -219,15 +225,16 @@ def test_sharded_step_matches_one_device(kind, shape, accum):
     assert compared > 0
 
 
-def test_accumulation_splits_the_batch_axis_not_the_ensemble():
+@pytest.mark.parametrize("kind", ["lm", "groups"])
+def test_accumulation_splits_the_batch_axis_not_the_ensemble(kind):
     """With grad_accum_steps=2 micro-batch j holds rows j, 2 + j, ... of every column, the
-    [B, 5] target rewards included (their ensemble axis is never split), and the batch-level
+    [B, E] target rewards included (their ensemble axis is never split), and the batch-level
     terms (MMD, ensemble min) are taken per micro-batch: the update is the mean of the two
     micro-batches' own steps."""
-    accumulated = run("lm", ACCUMULATED, 2)
-    halves = [run("lm", (1, 1, 1), 1, rows=tuple(range(j, BATCH, 2))) for j in range(2)]
+    accumulated = run(kind, ACCUMULATED, 2)
+    halves = [run(kind, (1, 1, 1), 1, rows=tuple(range(j, BATCH, 2))) for j in range(2)]
     checked = []
-    for i, (member, _) in enumerate(KINDS["lm"]):
+    for i, (member, _) in enumerate(KINDS[kind]):
         if not member.needs.batch_level:
             continue  # compared with the full batch in test_sharded_step_matches_one_device
         (loss, grads), first, second = accumulated[i], halves[0][i], halves[1][i]
@@ -236,6 +243,8 @@ def test_accumulation_splits_the_batch_axis_not_the_ensemble():
         mean = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) + b) / 2, first[1], second[1])
         errors = relative_errors(grads, mean)
         assert max(errors.values()) <= GRADIENT_RTOL, (member, max(errors.values()))
-        checked.append(member)
-    assert {type(m).name for m in checked} == {"causal_dpo", "pessimistic_distill"}
-    assert sum(isinstance(m, PessimisticDistill) for m in checked) == 3  # E = 1, 3, 5
+        checked.append(type(member).name)
+    # lm: Causal DPO (2 variants, each with and without NLL), pd-DPO (E = 1), e-DPO (E = 5);
+    # groups: e-DPO (E = 3)
+    assert checked == {"lm": ["causal_dpo"] * 4 + ["pessimistic_distill"] * 2,
+                       "groups": ["pessimistic_distill"]}[kind], checked

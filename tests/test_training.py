@@ -295,19 +295,30 @@ def test_an_overflowing_update_is_not_applied():
         np.testing.assert_array_equal(a, b)
 
 
-def test_reward_model_training_step():
-    graphdef, params, rest = split_model(create_reward_model(CONFIG, rngs=nnx.Rngs(1)))
+@pytest.mark.parametrize("heads", [None, 3])
+def test_reward_model_training_step(heads):
+    """A RewardModel trains on its scores; an E-head model's [E, B] scores reach the objective
+    as [B, E] (the batch axis first) and every head gets its own causal penalty."""
+    graphdef, params, rest = split_model(create_reward_model(CONFIG, rngs=nnx.Rngs(1),
+                                                             num_heads=heads))
     optimizer, schedule = OPTIMIZER
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=MESH)
-    step = make_train_step(graphdef, BradleyTerry(), optimizer, schedule, mesh=MESH,
+    objective = BradleyTerry() if heads is None else CausalReward(lam=0.5, num_bins=2,
+                                                                  bandwidth=1.0)
+    step = make_train_step(graphdef, objective, optimizer, schedule, mesh=MESH,
                            state_shardings=shardings, model_state=rest)
-    batch = first_batch()
+    batch = {**first_batch(), "bin": np.arange(BATCH, dtype=np.int32) % 2}
     model = nnx.merge(graphdef, params, rest)
-    chosen = model(batch["chosen_input_ids"], batch["chosen_attention_mask"])  # [B]
+    chosen = model(batch["chosen_input_ids"], batch["chosen_attention_mask"])  # [B] / [E, B]
     rejected = model(batch["rejected_input_ids"], batch["rejected_attention_mask"])
     state, metrics = step(state, global_batch(batch, MESH), None)
-    np.testing.assert_allclose(metrics["loss"], np.mean(bradley_terry_loss(chosen, rejected)),
-                               rtol=1e-5)
+    if heads is None:
+        want = np.mean(bradley_terry_loss(chosen, rejected))
+    else:
+        want = np.mean([causal_reward_loss(chosen[e], rejected[e], batch["bin"], batch["bin"],
+                                           lam=0.5, num_bins=2, bandwidth=1.0)
+                        for e in range(heads)])
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     np.testing.assert_allclose(metrics["scores/chosen"], np.mean(chosen), rtol=1e-5, atol=1e-6)
     assert int(state.step) == 1 and max(relative_errors(state.params, params).values()) > 0
 
