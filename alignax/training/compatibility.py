@@ -207,7 +207,7 @@ def check_data(objective: Objective, data: Any, *, share_prompt: bool = False) -
       ValueError: naming the objective, the data's format or column, and the fix.
     """
     if isinstance(data, Mapping):
-        columns = {k: (np.shape(v), getattr(v, "dtype", None) or np.asarray(v).dtype)
+        columns = {k: (np.shape(v), v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)
                    for k, v in data.items()}
         source = "the batch"
         bins = [np.ravel(v) for k, v in data.items() if k == "bin" or k.endswith("_bin")]
