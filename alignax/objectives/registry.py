@@ -139,8 +139,9 @@ class Objective:
 
     Subclasses set `needs` (a `Needs`), list their float hyper-parameters that may be schedules
     in `hyper_parameters`, and implement `loss(inputs, hp) -> (loss [B], metrics)` with `hp`
-    the hyper-parameters' values at this step. A subclass with an `nll_weight` field gets the
-    NLL/SFT term on the chosen responses added (thesis ch. 3, footnote 3).
+    the hyper-parameters' values at this step. A subclass that lists "nll_weight" among them
+    gets nll_weight times the NLL/SFT term of the chosen responses added to its loss (thesis
+    ch. 3, footnote 3), unless the weight is the constant 0.
     """
 
     name: ClassVar[str] = ""
