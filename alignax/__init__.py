@@ -1,7 +1,8 @@
 """alignax: robust preference optimization of language models in JAX/Flax.
 
-The pure, jittable objectives and log-prob functions are re-exported here, one name per line;
-models, data, training and the analytic toy lab live in their subpackages.
+The pure, jittable objectives, their registered configs (`alignax.DPO(beta=0.1)`, ...) and the
+log-prob functions are re-exported here, one name per line; schedules, models, data, training
+and the analytic toy lab live in their modules and subpackages.
 """
 
 from alignax.logprobs import chunked_sequence_logprobs

@@ -194,8 +194,8 @@ def test_unlabeled_pairs_with_rewards_and_bins():
     ds = prepare_dataset(ensemble, TOK, max_length=32,
                          bin_fn=lambda r: len(r["response_1"]) // 4)
     batch = ds.collate(ds.examples)
-    assert batch["target_rewards_2"].shape == (2, 3)  # [E, B]
-    np.testing.assert_allclose(batch["target_rewards_2"][1], [0.0, 1.0, 2.0])
+    assert batch["target_rewards_2"].shape == (3, 2)  # [B, E]
+    np.testing.assert_allclose(batch["target_rewards_2"][:, 1], [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(batch["bin"], [0, 1, 1])
 
 

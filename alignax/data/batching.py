@@ -14,7 +14,8 @@ role r ("chosen", "rejected", "response_1", "response_2"):
 
 plus "prompt_input_ids"/"prompt_attention_mask" [B, P] (LEFT-padded, for generation),
 "record_index" [B] int32, and when present "bin" [B] int32 and
-"target_rewards_1"/"target_rewards_2" ([B] for a scalar column, [E, B] for a list column).
+"target_rewards_1"/"target_rewards_2" ([B] for a scalar column, [B, E] for a list column: every
+column leads with the batch axis B).
 
 With `share_prompt=True` each example's M responses (every role's K members, roles in sorted
 order) also follow ONE copy of its prompt in a packed row, so the prompt is run through the
@@ -230,6 +231,6 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
                                          buckets=buckets, pad_token_id=pad_token_id))
     for role, key in REWARD_KEYS.items():
         if role in examples[0].rewards:
-            # [B] for scalar rewards; [B, E] -> [E, B] for an ensemble's
-            batch[key] = np.asarray([ex.rewards[role] for ex in examples], dtype=np.float32).T
+            # [B] for scalar rewards; [B, E] for an ensemble's (the batch axis first)
+            batch[key] = np.asarray([ex.rewards[role] for ex in examples], dtype=np.float32)
     return batch
