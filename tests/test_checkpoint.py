@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent('''
     import jax, numpy as np
     jax.config.update("jax_compilation_cache_dir", sys.argv[3])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from tiny_training import tiny_dpo_step
+    from tiny_training import tiny_step
     from alignax.data import BatchIterator
     from alignax.models import tiny_config
     from alignax.training.checkpoint import Checkpointer, flatten_state
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent('''
                             batch_size=4, seed=0)
     config = tiny_config("llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1)
-    step, state, _, reference = tiny_dpo_step(make_mesh(), config)
+    step, state, _, reference = tiny_step(make_mesh(), config)
     checkpointer = Checkpointer(run / "checkpoints", config={"lr": 1e-4, "steps": steps},
                                 save_every=2, keep=2)
     restored = checkpointer.restore_latest(state, batches=batches)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_training import tiny_dpo_step
+from tiny_training import tiny_step
 
 from alignax.data import BatchIterator
 from alignax.models import tiny_config
@@ -46,7 +46,7 @@ def pairs(**kwargs) -> BatchIterator:
 
 @pytest.fixture(scope="module")
 def setup():
-    step, state, _, reference = tiny_dpo_step(MESH, CONFIG)
+    step, state, _, reference = tiny_step(MESH, CONFIG)
     return step, state, reference
 
 
