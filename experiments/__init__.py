@@ -19,5 +19,6 @@ and a JSON summary.
 
 EXPERIMENTS: tuple[str, ...] = (
     "fdpo_sentiment",
+    "causal_reward",
 )
 """Module names under `experiments`, each following the contract above."""

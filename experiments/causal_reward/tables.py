@@ -12,7 +12,43 @@ MODELS = ("vanilla", "conditional", "unconditional")
 """The reward models of every study: vanilla Bradley-Terry, conditional and unconditional CRM."""
 
 MODEL_NAMES = {"sft": "SFT", "vanilla": "Vanilla RM", "conditional": "Conditional CRM",
-               "unconditional": "Unconditional CRM"}
+               "unconditional": "Unconditional CRM", "dpo": "DPO", "causal_dpo": "Causal DPO"}
+"""Row names of the policies a study compares: the SFT policy, PPO against each reward model,
+and (the §4.8 extension) DPO and Causal DPO trained directly on the pairs."""
+
+
+def row_key(model: str, lam: float | None = None) -> str:
+    """The results key of a policy: "vanilla", or "conditional@1" for a lambda sweep point.
+
+    >>> row_key("conditional", 1.0), row_key("sft")
+    ('conditional@1', 'sft')
+    """
+    if model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model!r}; expected one of {list(MODEL_NAMES)}")
+    return model if lam is None else f"{model}@{lam:g}"
+
+
+def split_row_key(key: str) -> tuple[str, float | None]:
+    """("conditional", 1.0) from "conditional@1"; ("vanilla", None) from "vanilla"."""
+    model, _, lam = key.partition("@")
+    if model not in MODEL_NAMES:
+        raise ValueError(f"unknown models [{key!r}]; expected some of {list(MODEL_NAMES)}, "
+                         f"optionally with '@lambda'")
+    return model, (float(lam) if lam else None)
+
+
+def row_label(key: str) -> str:
+    """"Conditional CRM (λ = 1)" for "conditional@1"; "Vanilla RM" for "vanilla"."""
+    model, lam = split_row_key(key)
+    return MODEL_NAMES[model] + ("" if lam is None else f" (λ = {lam:g})")
+
+
+def ordered_keys(keys) -> list[str]:
+    """Result keys in table order: SFT, vanilla, conditional, unconditional (each by lambda),
+    DPO, Causal DPO. ValueError naming an unknown key."""
+    order = list(MODEL_NAMES)
+    parsed = {key: split_row_key(key) for key in keys}
+    return sorted(parsed, key=lambda k: (order.index(parsed[k][0]), parsed[k][1] or 0.0))
 
 
 def mean_interval(values, *, confidence: float = 0.95) -> tuple[float, float]:
