@@ -339,9 +339,10 @@ class EvalConfig:
 def objective_choices():
     """The registered objective configs as one union, each a command-line choice under its
     registered name (`objective:dpo`, `objective:mipo`, ...), read when the parser is built
-    (objectives registered by a config file are included)."""
-    return Union[tuple(Annotated[cls, tyro.conf.subcommand(name)]
-                       for name, cls in OBJECTIVES.items())]
+    (objectives registered by a config file are included). Subclasses come before their base
+    classes (DPO before FDPO), so a configured DPO() is not taken for an FDPO."""
+    ordered = sorted(OBJECTIVES.items(), key=lambda item: -len(item[1].__mro__))
+    return Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls in ordered)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
