@@ -258,3 +258,29 @@ def test_every_objective_family_trains(name, tmp_path):
     assert result.metrics["update_applied"] == 1.0
     assert any(result.export_dir.rglob("tokenizer.json"))
     assert any(result.export_dir.rglob("model.safetensors"))
+
+
+def _readme_block_after(marker: str) -> str:
+    text = open(os.path.join(ROOT, "README.md")).read()
+    start = text.index("```python\n", text.index(marker)) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_readme_quickstart_is_the_example_files_and_runs(files, tmp_path, monkeypatch):
+    quickstart = _readme_block_after("## Quickstart")
+    trl = _readme_block_after("The same run with TRL's `DPOTrainer`")
+    with open(os.path.join(ROOT, "examples", "dpo_hh.py")) as f:
+        assert f.read() == quickstart
+    with open(os.path.join(ROOT, "examples", "trl_dpo_hh.py")) as f:
+        assert f.read() == trl
+    text = open(os.path.join(ROOT, "README.md")).read()
+    counts = f"That is {len(quickstart.splitlines())} lines against {len(trl.splitlines())}."
+    assert counts in " ".join(text.split()) and len(quickstart.splitlines()) <= 15
+    # the config as written, on a local HH file and the tiny checkpoint instead of the hub id
+    monkeypatch.chdir(tmp_path)
+    td.write_jsonl(tmp_path / "hh.jsonl", td.hh_records(16))
+    (tmp_path / "dpo_hh.py").write_text(quickstart)
+    result = cli.main(["train", "dpo_hh.py", "--model.path", str(files / "ckpt"),
+                       "--train.steps", "2", "--train.progress", "False",
+                       "--data.max_length", "64"])
+    assert int(result.state.step) == 2 and (tmp_path / "runs" / "dpo_hh" / "export").is_dir()
