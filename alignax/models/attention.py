@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from alignax.models.config import ModelConfig, RopeConfig
-from alignax.models.layers import Dense
+from alignax.models.layers import ADAPTERS_ON, Adapters, Dense
 
 
 def rope_inverse_frequencies(rope: RopeConfig) -> np.ndarray:
@@ -86,22 +86,22 @@ def query_blocks(length: int, *, cached: bool) -> list[tuple[int, int]]:
 class KVCache:
     """Keys and values of every layer for slots [0, S), plus which slots hold real tokens.
 
-    keys, values: one [B, S, K, Dh] array per layer. valid [B, S] bool, positions [B, S]
-    int32 (RoPE position of the token in each slot), index: scalar int32, the next slot to
-    write. Decoding writes T new tokens into slots [index, index + T).
+    keys, values: [L, B, S, K, Dh], stacked over the layers like the layer parameters (the
+    layer scan reads and writes layer l's slice in place). valid [B, S] bool, positions
+    [B, S] int32 (RoPE position of the token in each slot), index: scalar int32, the next slot
+    to write. Decoding writes T new tokens into slots [index, index + T).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
     positions: jax.Array
     index: jax.Array
 
     @classmethod
     def empty(cls, cfg: ModelConfig, *, batch_size: int, max_length: int, dtype) -> KVCache:
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(keys=zeros, values=zeros,
+        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch_size, max_length), bool),
                    positions=jnp.zeros((batch_size, max_length), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
@@ -143,7 +143,7 @@ class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, scale: float | None = None):
+                 param_dtype=jnp.float32):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense(d, h * dh, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
@@ -152,31 +152,36 @@ class Attention(nnx.Module):
         self.o_proj = Dense(h * dh, d, axes=("heads", "embed"), use_bias=cfg.out_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, dh
         self.rope = cfg.rope
-        self.scale = cfg.attn_scale if scale is None else scale
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+                 scale: jax.Array | float,
                  cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], updated (k, v) cache).
+                 cache_index: jax.Array | None = None,
+                 adapters: Adapters = ADAPTERS_ON
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], (keys, values)).
 
-        With `cache` = (keys, values) [B, S, K, Dh], the new keys/values are written at slot
-        `cache_index` and the queries attend over all S slots (the mask hides empty ones).
+        `scale` multiplies the scores (a layer-dependent scalar for GPT-2's
+        `scale_attn_by_inverse_layer_idx`). With `cache` = this layer's (keys, values)
+        [B, S, K, Dh], the new keys/values are placed at slot `cache_index` and the queries
+        attend over all S slots (the mask hides empty ones). Returns the T new (keys, values)
+        [B, T, K, Dh] in the cache dtype, for the caller to write into the stacked cache.
         """
         b, t, _ = x.shape
         h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, t, h, dh)  # [B, T, H*Dh] -> [B, T, H, Dh]
-        key = self.k_proj(x).reshape(b, t, k, dh)  # [B, T, K, Dh]
-        value = self.v_proj(x).reshape(b, t, k, dh)  # [B, T, K, Dh]
+        q = self.q_proj(x, adapters.fold(0)).reshape(b, t, h, dh)  # [B, T, H*Dh] -> [B, T, H, Dh]
+        key = self.k_proj(x, adapters.fold(1)).reshape(b, t, k, dh)  # [B, T, K, Dh]
+        value = self.v_proj(x, adapters.fold(2)).reshape(b, t, k, dh)  # [B, T, K, Dh]
         if self.rope is not None:
             q = apply_rope(q, positions, self.rope)
             key = apply_rope(key, positions, self.rope)
+        new = (key, value)
         if cache is not None:
+            new = (key.astype(cache[0].dtype), value.astype(cache[1].dtype))
             start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype), start)
-            value = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), start)
-            cache = (key, value)
+            key = jax.lax.dynamic_update_slice(cache[0], new[0], start)  # [B, S, K, Dh]
+            value = jax.lax.dynamic_update_slice(cache[1], new[1], start)
         # Grouped-query attention as 4-D batched matmuls over (B, K), the G query heads of a
         # KV head stacked along the rows (row t * G + g): XLA:CPU differentiates these about
         # twice as fast as 5-D "btkgd,bskd->bkgts" einsums (benchmarks/trl_dpo.py).
@@ -190,7 +195,7 @@ class Attention(nnx.Module):
             # queries [t0, t1) need keys [0, t1) only and the rest of the scores is never formed.
             end = s if cache is not None else t1
             scores = jnp.einsum("bkqd,bksd->bkqs", q[:, :, t0 * g:t1 * g], key[:, :, :end],
-                                preferred_element_type=jnp.float32) * self.scale
+                                preferred_element_type=jnp.float32) * scale
             rows = jnp.broadcast_to(mask[:, None, t0:t1, None, :end],
                                     (b, 1, t1 - t0, g, end)).reshape(b, 1, (t1 - t0) * g, end)
             scores = jnp.where(rows, scores, jnp.finfo(jnp.float32).min)
@@ -198,4 +203,4 @@ class Attention(nnx.Module):
             outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, value[:, :, :end]))
         out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]  # [B, K, T*G, Dh]
         out = out.reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
-        return self.o_proj(out), cache
+        return self.o_proj(out, adapters.fold(3)), new
