@@ -221,3 +221,72 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="could not fetch 'EleutherAI/pythia-14m'.*offline"):
         am.from_pretrained("EleutherAI/pythia-14m")
+
+
+def _copy_checkpoint(directory, tmp_path, tensors):
+    """tmp_path/ckpt: `directory`'s config with `tensors` as model.safetensors."""
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "ckpt"
+    transformers.AutoConfig.from_pretrained(directory).save_pretrained(out)
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_int_and_bool_weights_are_refused(checkpoints, tmp_path, dtype):
+    from safetensors.numpy import load_file
+
+    directory = checkpoints("llama_gqa")[1]
+    tensors = load_file(directory / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    tensors[key] = np.ones(tensors[key].shape, dtype)  # the right shape, a non-weight dtype
+    with pytest.raises(ValueError, match=f"tensor '{key}' has dtype {np.dtype(dtype)}, which "
+                                         "cannot hold a weight"):
+        am.from_pretrained(_copy_checkpoint(directory, tmp_path, tensors))
+
+
+def test_non_finite_weights_are_named(checkpoints, tmp_path):
+    from safetensors.numpy import load_file
+
+    directory = checkpoints("llama_gqa")[1]
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.norm.weight"][3] = np.nan
+    tensors["model.layers.0.self_attn.k_proj.weight"][[0, 5], 1] = [np.inf, -np.inf]
+    path = _copy_checkpoint(directory, tmp_path, tensors)
+    with pytest.raises(ValueError, match=r"NaN/inf values: model.layers.0.self_attn.k_proj.weight "
+                                         r"\(2 of 2048 values\), model.norm.weight \(1 of 64"):
+        am.from_pretrained(path)
+    model = am.from_pretrained(path, check_finite=False)  # the explicit opt-out
+    assert np.isnan(np.asarray(model.norm.weight[...])[3])
+
+
+@pytest.mark.parametrize("shard", ["/etc/model-00001.safetensors", "../outside.safetensors",
+                                   "sub/../../outside.safetensors"])
+def test_index_naming_files_outside_the_directory_is_refused(checkpoints, tmp_path, shard):
+    import shutil
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("llama_sharded")[1], directory)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"maps 'model.norm.weight' to '{shard}', outside the "
+                                         "checkpoint directory"):
+        am.from_pretrained(directory)
+
+
+def test_missing_path_like_names_are_local_directories_not_hub_ids(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt" / "llama_tiny").mkdir(parents=True)
+    # a mistyped directory inside an existing folder: never sent to the hub
+    with pytest.raises(FileNotFoundError, match=r"local checkpoint directory 'ckpt/llama_tinny' "
+                                                r"does not exist; did you mean \['ckpt/llama_tiny'\]"):
+        am.from_pretrained("ckpt/llama_tinny")
+    for name in ("./x", "~/surely_not_a_checkpoint_dir", "a/b/c", "bad..name"):
+        with pytest.raises(FileNotFoundError, match=f"local checkpoint directory '{name}' does "
+                                                    "not exist"):
+            am.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory"):
+        (tmp_path / "config.json").write_text("{}")
+        am.from_pretrained(tmp_path / "config.json")
