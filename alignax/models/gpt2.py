@@ -88,6 +88,26 @@ class GPT2LMHeadModel(CausalLM):
         return self.lm_head.kernel[...].astype(self.dtype)
 
 
+# LoRA targets (alignax.models.lora): name -> the Dense inside a block; and the PEFT module of
+# each target inside HF's block "transformer.h.{i}." (q, k and v share the fused c_attn).
+LORA_TARGETS = {"q": ("attn", "q_proj"), "k": ("attn", "k_proj"), "v": ("attn", "v_proj"),
+                "o": ("attn", "o_proj"), "up": ("mlp", "c_fc"), "down": ("mlp", "c_proj")}
+PEFT_LAYER = "transformer.h.{}."
+PEFT_FAN_IN_FAN_OUT = True  # HF Conv1D weights are [in, out]
+PEFT_MODULES = {"q": "attn.c_attn", "k": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj",
+                "up": "mlp.c_fc", "down": "mlp.c_proj"}
+
+
+def fuse_qkv(cfg: ModelConfig, q, k, v):
+    """q, k, v [..., D] (output features) -> c_attn's [..., 3D] = [q | k | v]."""
+    return np.concatenate([q, k, v], axis=-1)
+
+
+def split_qkv(cfg: ModelConfig, fused):
+    """The inverse of `fuse_qkv`: [..., 3D] -> (q, k, v) [..., D] each."""
+    return tuple(np.split(fused, 3, axis=-1))
+
+
 def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[], Any]]:
     """{our parameter path: load() -> np.ndarray}, each load reading `read(hf_key)` only when
     called.
@@ -115,9 +135,9 @@ def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[]
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
             # c_attn [D, 3D] = [D, q | k | v], bias [3D]
             out[("h", i, "attn", name, "kernel")] = load(
-                f"{h}attn.c_attn.weight", lambda w, j=j: np.split(w, 3, axis=1)[j])
+                f"{h}attn.c_attn.weight", lambda w, j=j: split_qkv(cfg, w)[j])
             out[("h", i, "attn", name, "bias")] = load(
-                f"{h}attn.c_attn.bias", lambda w, j=j: np.split(w, 3)[j])
+                f"{h}attn.c_attn.bias", lambda w, j=j: split_qkv(cfg, w)[j])
         out[("h", i, "attn", "o_proj", "kernel")] = load(f"{h}attn.c_proj.weight")
         out[("h", i, "attn", "o_proj", "bias")] = load(f"{h}attn.c_proj.bias")
         for name in ("c_fc", "c_proj"):
@@ -140,8 +160,8 @@ def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
             out[f"{h}{norm}.weight"] = params[(*ours, norm, "weight")]
             out[f"{h}{norm}.bias"] = params[(*ours, norm, "bias")]
         qkv = [(*ours, "attn", n) for n in ("q_proj", "k_proj", "v_proj")]
-        out[f"{h}attn.c_attn.weight"] = np.concatenate([params[(*q, "kernel")] for q in qkv], 1)
-        out[f"{h}attn.c_attn.bias"] = np.concatenate([params[(*q, "bias")] for q in qkv])
+        out[f"{h}attn.c_attn.weight"] = fuse_qkv(cfg, *(params[(*q, "kernel")] for q in qkv))
+        out[f"{h}attn.c_attn.bias"] = fuse_qkv(cfg, *(params[(*q, "bias")] for q in qkv))
         out[f"{h}attn.c_proj.weight"] = params[(*ours, "attn", "o_proj", "kernel")]
         out[f"{h}attn.c_proj.bias"] = params[(*ours, "attn", "o_proj", "bias")]
         for name in ("c_fc", "c_proj"):

@@ -90,6 +90,33 @@ class GPTNeoXForCausalLM(CausalLM):
 
 _NAMES = ("q_proj", "k_proj", "v_proj")
 
+# LoRA targets (alignax.models.lora): name -> the Dense inside a layer; and the PEFT module of
+# each target inside HF's layer "gpt_neox.layers.{i}." (q, k and v share the fused one).
+LORA_TARGETS = {"q": ("attention", "q_proj"), "k": ("attention", "k_proj"),
+                "v": ("attention", "v_proj"), "o": ("attention", "o_proj"),
+                "up": ("mlp", "dense_h_to_4h"), "down": ("mlp", "dense_4h_to_h")}
+PEFT_FAN_IN_FAN_OUT = False
+PEFT_LAYER = "gpt_neox.layers.{}."
+PEFT_MODULES = {"q": "attention.query_key_value", "k": "attention.query_key_value",
+                "v": "attention.query_key_value", "o": "attention.dense",
+                "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+
+
+def fuse_qkv(cfg: ModelConfig, q, k, v):
+    """q, k, v [..., D] (output features) -> [..., 3D] in query_key_value's [H, (q, k, v), Dh]
+    order."""
+    h, dh = cfg.num_heads, cfg.head_dim
+    heads = [x.reshape(*x.shape[:-1], h, 1, dh) for x in (q, k, v)]
+    fused = np.concatenate(heads, axis=-2)  # [..., H, 3, Dh]
+    return fused.reshape(*fused.shape[:-3], 3 * h * dh)
+
+
+def split_qkv(cfg: ModelConfig, fused):
+    """The inverse of `fuse_qkv`: [..., 3D] -> (q, k, v) [..., D] each."""
+    h, dh = cfg.num_heads, cfg.head_dim
+    fused = fused.reshape(*fused.shape[:-1], h, 3, dh)
+    return tuple(fused[..., j, :].reshape(*fused.shape[:-3], h * dh) for j in range(3))
+
 
 def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[], Any]]:
     """{our parameter path: load() -> np.ndarray}, each load reading `read(hf_key)` only when
@@ -99,8 +126,6 @@ def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[]
     written by transformers >= 5; `keys` (the checkpoint's tensor names) picks, None means
     "embed_out.weight".
     """
-    h, d, dh = cfg.num_heads, cfg.hidden_size, cfg.head_dim
-
     def load(key: str, transform: Callable = lambda w: w) -> Callable[[], Any]:
         return lambda: transform(read(key))
 
@@ -119,12 +144,10 @@ def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[]
         for j, name in enumerate(_NAMES):
             # query_key_value [3D, D], rows [H, (q, k, v), Dh] -> q/k/v kernels [D, D]
             out[(*ours, "attention", name, "kernel")] = load(
-                f"{p}attention.query_key_value.weight",
-                lambda w, j=j: w.reshape(h, 3, dh, d)[:, j].reshape(h * dh, d).T)
+                f"{p}attention.query_key_value.weight", lambda w, j=j: split_qkv(cfg, w.T)[j])
             if cfg.qkv_bias:
                 out[(*ours, "attention", name, "bias")] = load(
-                    f"{p}attention.query_key_value.bias",
-                    lambda w, j=j: w.reshape(h, 3, dh)[:, j].reshape(h * dh))
+                    f"{p}attention.query_key_value.bias", lambda w, j=j: split_qkv(cfg, w)[j])
         out[(*ours, "attention", "o_proj", "kernel")] = load(f"{p}attention.dense.weight",
                                                              np.transpose)
         if cfg.out_bias:
@@ -137,7 +160,6 @@ def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[]
 
 def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
     """Our {parameter path: np.ndarray} -> {HF safetensors key: np.ndarray} (Pythia names)."""
-    h, d, dh = cfg.num_heads, cfg.hidden_size, cfg.head_dim
     out = {"gpt_neox.embed_in.weight": params[("embed_in", "embedding")],
            "gpt_neox.final_layer_norm.weight": params[("final_layer_norm", "weight")],
            "gpt_neox.final_layer_norm.bias": params[("final_layer_norm", "bias")]}
@@ -148,11 +170,11 @@ def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"{p}{norm}.weight"] = params[("layers", i, norm, "weight")]
             out[f"{p}{norm}.bias"] = params[("layers", i, norm, "bias")]
-        kernels = [params[(*ours, n, "kernel")].T.reshape(h, dh, d) for n in _NAMES]
-        out[f"{p}attention.query_key_value.weight"] = np.stack(kernels, 1).reshape(3 * d, d)
+        out[f"{p}attention.query_key_value.weight"] = fuse_qkv(
+            cfg, *(params[(*ours, n, "kernel")] for n in _NAMES)).T  # [D, 3D] -> [3D, D]
         if cfg.qkv_bias:
-            biases = [params[(*ours, n, "bias")].reshape(h, dh) for n in _NAMES]
-            out[f"{p}attention.query_key_value.bias"] = np.stack(biases, 1).reshape(3 * d)
+            out[f"{p}attention.query_key_value.bias"] = fuse_qkv(
+                cfg, *(params[(*ours, n, "bias")] for n in _NAMES))
         out[f"{p}attention.dense.weight"] = params[(*ours, "o_proj", "kernel")].T
         if cfg.out_bias:
             out[f"{p}attention.dense.bias"] = params[(*ours, "o_proj", "bias")]

@@ -44,12 +44,13 @@ def activation(name: str):
     }[name]
 
 
-def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs, *,
+            name: str | None = LAYERS) -> nnx.Module:
     """`num` modules built by `make(rngs)` as one module whose parameters are stacked [num, ...]
-    (independent draws per layer); the new leading axis is named `LAYERS` in `out_sharding`."""
+    (independent draws per copy); the new leading axis is named `name` in `out_sharding`."""
 
     @nnx.split_rngs(splits=num)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: name})
     def build(rngs: nnx.Rngs) -> nnx.Module:
         return make(rngs)
 
@@ -92,7 +93,7 @@ class Dense(nnx.Module):
                            axes[-1:]) if use_bias else None)
         self.dtype = dtype
         self.precision = precision
-        self.lora = None
+        self.lora = nnx.data(None)  # an alignax.models.lora.LoRAAdapter once attached
 
     def __call__(self, x: jax.Array, adapters: Adapters = ADAPTERS_ON) -> jax.Array:
         """x [..., in] -> [..., out] in the compute dtype.

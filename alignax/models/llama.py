@@ -88,6 +88,17 @@ class LlamaForCausalLM(CausalLM):
         return self.lm_head.kernel[...].astype(self.dtype)
 
 
+# LoRA targets (alignax.models.lora): name -> the Dense inside a block; and the PEFT module of
+# each target inside HF's layer "model.layers.{i}.".
+LORA_TARGETS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"),
+                "v": ("self_attn", "v_proj"), "o": ("self_attn", "o_proj"),
+                "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                "down": ("mlp", "down_proj")}
+PEFT_FAN_IN_FAN_OUT = False
+PEFT_LAYER = "model.layers.{}."
+PEFT_MODULES = {name: ".".join(path) for name, path in LORA_TARGETS.items()}
+
+
 def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
     """Our parameter path -> (HF safetensors key, transpose?). torch Linear weights are
     [out, in]; our kernels are [in, out]."""

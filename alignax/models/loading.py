@@ -103,17 +103,19 @@ class SafetensorsReader:
     A sharded index may only name shard files inside the checkpoint directory.
     """
 
-    def __init__(self, directory: pathlib.Path, *, check_finite: bool = True):
+    def __init__(self, directory: pathlib.Path, *, check_finite: bool = True,
+                 single_file: str = SINGLE_FILE, index_file: str | None = INDEX_FILE):
         self.directory = directory
-        if (directory / INDEX_FILE).is_file():
-            self.files = _index_files(directory)
-        elif (directory / SINGLE_FILE).is_file():
-            with safe_open(directory / SINGLE_FILE, framework="np") as f:
-                self.files = {key: directory / SINGLE_FILE for key in f.keys()}
+        if index_file is not None and (directory / index_file).is_file():
+            self.files = _index_files(directory, index_file)
+        elif (directory / single_file).is_file():
+            with safe_open(directory / single_file, framework="np") as f:
+                self.files = {key: directory / single_file for key in f.keys()}
         else:
             found = sorted(p.name for p in directory.iterdir())
+            expected = single_file if index_file is None else f"{single_file} or {index_file}"
             raise FileNotFoundError(
-                f"no {SINGLE_FILE} or {INDEX_FILE} in {directory} (found {found}); "
+                f"no {expected} in {directory} (found {found}); "
                 "pickle checkpoints (*.bin, *.pt) are never loaded: convert them to "
                 "safetensors first")
         self.check_finite = check_finite
@@ -154,20 +156,20 @@ class SafetensorsReader:
                              f"({self.directory}); pass check_finite=False to load them anyway")
 
 
-def _index_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
+def _index_files(directory: pathlib.Path, index_file: str) -> dict[str, pathlib.Path]:
     """key -> shard file of a sharded index, refusing shard paths outside `directory`."""
-    index = json.loads((directory / INDEX_FILE).read_text())
+    index = json.loads((directory / index_file).read_text())
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{directory / INDEX_FILE} has no 'weight_map' object")
+        raise ValueError(f"{directory / index_file} has no 'weight_map' object")
     files = {}
     for key, shard in weight_map.items():
         if not isinstance(shard, str) or not shard:
-            raise ValueError(f"{INDEX_FILE} maps {key!r} to {shard!r}, not a file name "
+            raise ValueError(f"{index_file} maps {key!r} to {shard!r}, not a file name "
                              f"({directory})")
         parts = pathlib.PurePosixPath(shard.replace("\\", "/"))
         if parts.is_absolute() or ".." in parts.parts or pathlib.PureWindowsPath(shard).drive:
-            raise ValueError(f"{INDEX_FILE} maps {key!r} to {shard!r}, outside the checkpoint "
+            raise ValueError(f"{index_file} maps {key!r} to {shard!r}, outside the checkpoint "
                              f"directory {directory}: shard paths must be relative and inside it")
         files[key] = directory / parts
     return files
