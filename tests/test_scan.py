@@ -99,7 +99,7 @@ def test_stacked_cache_decodes_in_chunks_like_one_forward(model):
     ids, mask = ids[:, :24], jnp.ones((B, 24), jnp.int32)
     full = nnx.jit(lambda m, i: m(i))(model, ids)  # [B, 24, V]
     cache = model.init_cache(B, 32)
-    assert cache.keys.shape == (3, B, 32, 2, 16)  # [L, B, S, K, Dh]
+    assert cache.keys.shape == (3, B, 2, 32, 16)  # [L, B, K, S, Dh]
     decode = nnx.jit(lambda m, i, c, p: m.decode(i, c, positions=p))
     positions = jnp.broadcast_to(jnp.arange(24), (B, 24))
     first, cache = decode(model, ids[:, :10], cache, positions[:, :10])

@@ -86,10 +86,11 @@ def query_blocks(length: int, *, cached: bool) -> list[tuple[int, int]]:
 class KVCache:
     """Keys and values of every layer for slots [0, S), plus which slots hold real tokens.
 
-    keys, values: [L, B, S, K, Dh], stacked over the layers like the layer parameters (the
-    layer scan reads and writes layer l's slice in place). valid [B, S] bool, positions
-    [B, S] int32 (RoPE position of the token in each slot), index: scalar int32, the next slot
-    to write. Decoding writes T new tokens into slots [index, index + T).
+    keys, values: [L, B, K, S, Dh], stacked over the layers like the layer parameters and
+    laid out as attention reads them (the layer scan carries them and writes each layer's new
+    entries in place). valid [B, S] bool, positions [B, S] int32 (RoPE position of the token
+    in each slot), index: scalar int32, the next slot to write. Decoding writes T new tokens
+    into slots [index, index + T).
     """
 
     keys: jax.Array
@@ -100,7 +101,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, *, batch_size: int, max_length: int, dtype) -> KVCache:
-        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch_size, max_length), bool),
                    positions=jnp.zeros((batch_size, max_length), jnp.int32),
@@ -156,17 +157,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
                  scale: jax.Array | float,
-                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
                  cache_index: jax.Array | None = None,
                  adapters: Adapters = ADAPTERS_ON
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], (keys, values)).
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], updated cache).
 
         `scale` multiplies the scores (a layer-dependent scalar for GPT-2's
-        `scale_attn_by_inverse_layer_idx`). With `cache` = this layer's (keys, values)
-        [B, S, K, Dh], the new keys/values are placed at slot `cache_index` and the queries
-        attend over all S slots (the mask hides empty ones). Returns the T new (keys, values)
-        [B, T, K, Dh] in the cache dtype, for the caller to write into the stacked cache.
+        `scale_attn_by_inverse_layer_idx`). With `cache` = (keys, values, layer): every
+        layer's keys / values [L, B, K, S, Dh] and this layer's index, the T new keys / values
+        are first written at slots [cache_index, cache_index + T) of this layer, then the
+        queries attend over all S slots of it (the mask hides empty ones); returns the updated
+        (keys, values). Writing before reading lets XLA update the scan-carried arrays in
+        place; reading first made it copy the whole cache at every layer.
         """
         b, t, _ = x.shape
         h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
@@ -176,19 +179,24 @@ class Attention(nnx.Module):
         if self.rope is not None:
             q = apply_rope(q, positions, self.rope)
             key = apply_rope(key, positions, self.rope)
-        new = (key, value)
+        key = key.transpose(0, 2, 1, 3)  # [B, T, K, Dh] -> [B, K, T, Dh]
+        value = value.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        updated = None
         if cache is not None:
-            new = (key.astype(cache[0].dtype), value.astype(cache[1].dtype))
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cache[0], new[0], start)  # [B, S, K, Dh]
-            value = jax.lax.dynamic_update_slice(cache[1], new[1], start)
+            keys, values, layer = cache  # [L, B, K, S, Dh] each
+            start = (layer, 0, 0, cache_index, 0)
+            keys = jax.lax.dynamic_update_slice(keys, key.astype(keys.dtype)[None], start)
+            values = jax.lax.dynamic_update_slice(values, value.astype(values.dtype)[None], start)
+            updated = (keys, values)
+            key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)  # [B, K, S, Dh]
+            value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
         # Grouped-query attention as 4-D batched matmuls over (B, K), the G query heads of a
         # KV head stacked along the rows (row t * G + g): XLA:CPU differentiates these about
         # twice as fast as 5-D "btkgd,bskd->bkgts" einsums (benchmarks/trl_dpo.py).
-        g, s = h // k, key.shape[1]
+        g, s = h // k, key.shape[2]
         q = q.reshape(b, t, k, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
-        key = key.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, S, K, Dh] -> [B, K, S, Dh]
-        value = value.astype(self.dtype).transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+        key = key.astype(q.dtype)
+        value = value.astype(self.dtype)
         outs = []
         for t0, t1 in query_blocks(t, cached=cache is not None):
             # Block-causal: without a cache, query slot t reads no key slot after t, so the
@@ -203,4 +211,4 @@ class Attention(nnx.Module):
             outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, value[:, :, :end]))
         out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]  # [B, K, T*G, Dh]
         out = out.reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
-        return self.o_proj(out, adapters.fold(3)), new
+        return self.o_proj(out, adapters.fold(3)), updated

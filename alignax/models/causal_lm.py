@@ -7,10 +7,10 @@ A family subclass builds its layers once with stacked parameters [L, ...]
   `final_norm(x [B,T,D])` -> [B,T,D]
   `unembedding()` -> [D, V]
 Its block is called as `block(x, positions, mask, scale=, cache=, cache_index=, adapters=)`
--> (x [B,T,D], the layer's new (keys, values) [B,T,K,Dh]).
+-> (x [B,T,D], the updated stacked (keys, values) [L,B,K,S,Dh], or None without a cache).
 
     x = embed(ids)
-    x = scan(block, x, over layer l: (params[l], scale[l], cache[l]))   one traced layer
+    x, cache = scan(block, (x, cache), over layer l: (params[l], scale[l]))   one traced layer
     h = final_norm(x)
 
 The layers run under one `jax.lax.scan`, so the program holds one layer whatever the depth
@@ -181,9 +181,9 @@ class CausalLM(nnx.Module):
                 adapters: Adapters = Adapters()):
         """x [B, T, D] through every layer under one scan over the stacked parameters.
 
-        With `cache` = (keys, values) [L, B, S, K, Dh], each layer reads its slice and writes
-        its T new entries at `cache_index` into the carried arrays (in place). Returns
-        (x [B, T, D], the updated (keys, values), or None without a cache).
+        With `cache` = (keys, values) [L, B, K, S, Dh], the scan carries them and layer l
+        writes its T new entries at `cache_index` of its slice, in place (see `Attention`).
+        Returns (x [B, T, D], the updated (keys, values), or None without a cache).
         """
         graphdef, stacked = nnx.split(getattr(self, self.BLOCKS))
         scales = jnp.asarray(self.layer_scales())  # [L]
@@ -193,15 +193,9 @@ class CausalLM(nnx.Module):
             x, kv = carry
             params, scale, i = xs
             block = nnx.merge(graphdef, params)
-            layer_cache = None
-            if kv is not None:
-                layer_cache = tuple(jax.lax.dynamic_index_in_dim(c, i, keepdims=False)
-                                    for c in kv)  # [B, S, K, Dh] each
-            x, new = block(x, positions, mask, scale=scale, cache=layer_cache,
-                           cache_index=cache_index, adapters=adapters.fold(i))
-            if kv is not None:
-                kv = tuple(jax.lax.dynamic_update_slice(c, n[None], (i, 0, cache_index, 0, 0))
-                           for c, n in zip(kv, new))
+            x, kv = block(x, positions, mask, scale=scale,
+                          cache=None if kv is None else (*kv, i),
+                          cache_index=cache_index, adapters=adapters.fold(i))
             return (x, kv), None
 
         (x, cache), _ = jax.lax.scan(checkpoint_layer(layer, remat), (x, cache),

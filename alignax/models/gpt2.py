@@ -50,12 +50,12 @@ class GPT2Block(nnx.Module):
 
     def __call__(self, x, positions, mask, *, scale, cache=None, cache_index=None,
                  adapters: Adapters = ADAPTERS_ON):
-        """x [B, T, D] -> ([B, T, D], this layer's new (keys, values))."""
-        h, new = self.attn(self.ln_1(x), positions, mask, scale=scale, cache=cache,
+        """x [B, T, D] -> ([B, T, D], the updated stacked cache; None without one)."""
+        h, cache = self.attn(self.ln_1(x), positions, mask, scale=scale, cache=cache,
                            cache_index=cache_index, adapters=adapters)
         x = x + h
         x = x + self.mlp(self.ln_2(x), adapters)
-        return x, new
+        return x, cache
 
 
 class GPT2LMHeadModel(CausalLM):

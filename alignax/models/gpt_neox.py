@@ -52,13 +52,13 @@ class GPTNeoXLayer(nnx.Module):
 
     def __call__(self, x, positions, mask, *, scale, cache=None, cache_index=None,
                  adapters: Adapters = ADAPTERS_ON):
-        """x [B, T, D] -> ([B, T, D], this layer's new (keys, values))."""
-        a, new = self.attention(self.input_layernorm(x), positions, mask, scale=scale,
+        """x [B, T, D] -> ([B, T, D], the updated stacked cache; None without one)."""
+        a, cache = self.attention(self.input_layernorm(x), positions, mask, scale=scale,
                                 cache=cache, cache_index=cache_index, adapters=adapters)
         if self.parallel_residual:
-            return x + a + self.mlp(self.post_attention_layernorm(x), adapters), new
+            return x + a + self.mlp(self.post_attention_layernorm(x), adapters), cache
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x), adapters), new
+        return x + self.mlp(self.post_attention_layernorm(x), adapters), cache
 
 
 class GPTNeoXForCausalLM(CausalLM):

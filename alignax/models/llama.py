@@ -53,12 +53,12 @@ class LlamaBlock(nnx.Module):
 
     def __call__(self, x, positions, mask, *, scale, cache=None, cache_index=None,
                  adapters: Adapters = ADAPTERS_ON):
-        """x [B, T, D] -> ([B, T, D], this layer's new (keys, values))."""
-        h, new = self.self_attn(self.input_layernorm(x), positions, mask, scale=scale,
+        """x [B, T, D] -> ([B, T, D], the updated stacked cache; None without one)."""
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, scale=scale,
                                 cache=cache, cache_index=cache_index, adapters=adapters)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), adapters)
-        return x, new
+        return x, cache
 
 
 class LlamaForCausalLM(CausalLM):
