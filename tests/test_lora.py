@@ -56,7 +56,13 @@ def randomize_adapters(model, seed: int, scale: float = 0.3):
 def test_adapters_are_stacked_float32_lora_params_with_peft_init():
     config = am.tiny_config("llama", vocab_size=VOCAB)
     model = am.create(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    ids, mask = padded_batch(seed=2)
+    bf16_base = np.asarray(logits_fn(model, ids, mask))
     add_lora(model, LoRAConfig(rank=4, alpha=8, targets=ALL["llama"]), rngs=nnx.Rngs(1))
+    # bf16 base weights with float32 adapters: the reference is still the bf16 base exactly
+    adapted = randomize_adapters(model, seed=3)
+    np.testing.assert_array_equal(logits_fn(adapted, ids, mask, adapters=False), bf16_base)
+    assert np.abs(np.asarray(logits_fn(adapted, ids, mask)) - bf16_base).max() > 1e-2
     _, adapters, base = nnx.split(model, nnx.LoRAParam, ...)
     flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(adapters)}
     assert len(flat) == 2 * 7 and all(v.dtype == jnp.float32 for v in flat.values())
