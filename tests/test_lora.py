@@ -24,7 +24,7 @@ from test_models_support import VOCAB, checkpoints, hf_logits, padded_batch  # n
 
 ALL = {"llama": ("q", "k", "v", "o", "gate", "up", "down"),
        "gpt2": ("q", "k", "v", "o", "up", "down"), "gpt_neox": ("q", "k", "v", "o", "up", "down")}
-CASE_FAMILY = {"llama_gqa": "llama", "gpt2": "gpt2", "gpt_neox": "gpt_neox"}
+CASE_FAMILY = {"llama_gqa": "llama", "gpt2": "gpt2"}
 
 
 @nnx.jit(static_argnames="adapters")
@@ -167,7 +167,9 @@ def adapted(checkpoints):
     return get
 
 
-@pytest.mark.parametrize("case", sorted(CASE_FAMILY))
+# GPT-NeoX's export differs from GPT-2's only in `fuse_qkv`, which save_pretrained's HF
+# round trip checks (test_models.py); its import is checked below.
+@pytest.mark.parametrize("case", ["llama_gqa", "gpt2"])
 def test_peft_loads_our_adapter_onto_the_hf_model(case, adapted, tmp_path):
     hf, _, model, ours = adapted(case)
     save_adapter(model, tmp_path)
