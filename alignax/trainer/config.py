@@ -36,7 +36,7 @@ from alignax.data.tokenize import TRUNCATIONS
 from alignax.objectives import (DPO, OBJECTIVES, Objective, objective_from_config,
                                 objective_to_config)
 from alignax.training.state import SCHEDULES as LR_SCHEDULES
-from alignax.training.step import REMAT_POLICIES
+from alignax.models.remat import REMAT_POLICIES
 
 TINY = "tiny"
 """`ModelConfig.path` of the embedded tiny model (`alignax.models.tiny_config`), initialised
