@@ -77,7 +77,7 @@ class Critic(nnx.Module):
             raise ValueError(f"a critic starts from a one-head reward model, this one has "
                              f"{reward_model.num_heads} heads")
         copy = _copy_arrays(reward_model)
-        return cls(copy.backbone, ValueHead(copy.score[...]))
+        return cls(copy.backbone, ValueHead(copy.score.kernel[...]))
 
     @classmethod
     def from_policy(cls, policy: CausalLM) -> Critic:

@@ -67,7 +67,7 @@ from experiments.causal_reward.phases import (Phases, PPOSettings, RunSettings, 
                                               reward_model_from_policy)
 from experiments.causal_reward.studies import STUDIES, Context, Study
 from experiments.causal_reward.tables import row_key
-from experiments.cli import parse_config
+from alignax.trainer.cli import parse_config
 
 log = logging.getLogger("experiments.causal_reward")
 
@@ -109,7 +109,7 @@ class Config:
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
     # reward models
-    rm_steps: int = 600
+    rm_steps: int = 300
     rm_batch_size: int = 32
     rm_learning_rate: float = 1e-3
     crm_kinds: tuple[str, ...] = CRM_KINDS
@@ -119,7 +119,7 @@ class Config:
     mmd_unbiased: bool = False
     lambda_warmup: float = 0.5
     # PPO against each reward model
-    ppo_iterations: int = 40
+    ppo_iterations: int = 16
     ppo_batch_size: int = 32
     ppo_learning_rate: float = 3e-4
     critic_learning_rate: float = 1e-3
@@ -491,7 +491,8 @@ def run(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     config = parse_config(Config, argv, prog="python -m experiments.causal_reward")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)
     initialize_distributed()
     summary = run(config)
     print(summary)
