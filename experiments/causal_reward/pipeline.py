@@ -109,7 +109,7 @@ class Config:
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
     # reward models
-    rm_steps: int = 300
+    rm_steps: int = 100
     rm_batch_size: int = 32
     rm_learning_rate: float = 1e-3
     crm_kinds: tuple[str, ...] = CRM_KINDS
@@ -119,7 +119,7 @@ class Config:
     mmd_unbiased: bool = False
     lambda_warmup: float = 0.5
     # PPO against each reward model
-    ppo_iterations: int = 16
+    ppo_iterations: int = 8
     ppo_batch_size: int = 32
     ppo_learning_rate: float = 3e-4
     critic_learning_rate: float = 1e-3
@@ -127,15 +127,15 @@ class Config:
     ppo_epochs: int = 2
     ppo_minibatches: int = 2
     length_kl_coefs: tuple[float, ...] = (0.01,)
-    length_penalties: tuple[float, ...] = (0.0, 0.01, 0.03)  # per response token
+    length_penalties: tuple[float, ...] = (0.0, 0.02)  # per response token
     # DPO and Causal DPO (§4.8) on the pairs
-    dpo_steps: int = 100
+    dpo_steps: int = 60
     dpo_batch_size: int = 32
     dpo_learning_rate: float = 3e-4
     dpo_beta: float = 0.1
     causal_dpo_lambda: float = 1.0
     # evaluation
-    eval_samples: int = 16  # N samples per test prompt (thesis: 50)
+    eval_samples: int = 10  # N samples per test prompt (thesis: 50)
     # running
     save_every: int = 200
     progress: bool = True

@@ -95,3 +95,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def paired_claim(claim: str, treatment: Sequence[float], baseline: Sequence[float], *,
+                 lower_is_better: bool, digits: int = 2) -> str:
+    """One line stating whether `claim` holds in our runs: the per-seed differences
+    treatment - baseline (paired by seed) with their mean and 95% t-interval; "reproduced" when
+    the interval lies on the claimed side of 0, "opposite" when it lies on the other side,
+    "inconclusive" otherwise (also with one seed).
+
+    >>> paired_claim("CRM lowers x", [1.0, 1.5, 1.2], [3.0, 3.2, 2.9], lower_is_better=True)
+    '- CRM lowers x: difference -1.80 ± 0.43 (n=3): reproduced'
+    """
+    t, b = np.asarray(treatment, np.float64), np.asarray(baseline, np.float64)
+    if t.shape != b.shape or t.ndim != 1:
+        raise ValueError(f"treatment {t.shape} and baseline {b.shape} must be paired [S] seeds")
+    mean, half = mean_interval(t - b)
+    sign = -1.0 if lower_is_better else 1.0
+    if math.isnan(half) or abs(mean) <= half:
+        verdict = "inconclusive"
+    else:
+        verdict = "reproduced" if sign * mean > 0 else "opposite"
+    return f"- {claim}: difference {format_interval(t - b, digits=digits)}: {verdict}"
