@@ -35,7 +35,7 @@ from experiments.causal_reward.evaluation import (left_pad, pair_logprobs, pair_
                                                   pairwise_accuracy, prepare_pairs, sample_texts)
 from experiments.causal_reward.records import StudyData
 from experiments.causal_reward.tables import (format_interval, markdown_table, ordered_keys,
-                                              row_label, split_row_key)
+                                              paired_claim, row_key, row_label, split_row_key)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -120,6 +120,26 @@ def _bar_figure(path: pathlib.Path, title: str, ylabel: str,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _claims(what: str, values: Mapping[str, Sequence[float]], *, lower_is_better: bool,
+            baseline: str = "vanilla") -> list[str]:
+    """The chapter's claim for each CRM policy against the `baseline` policy, and (§4.8) Causal
+    DPO against DPO, on one metric: `paired_claim` lines (per-seed differences, t-interval)."""
+    lines = []
+    if baseline in values:
+        lines += [paired_claim(f"{row_label(key)} {what} than {row_label(baseline)}",
+                               values[key], values[baseline], lower_is_better=lower_is_better)
+                  for key in ordered_keys([k for k in values if "@" in k and "+" not in k])]
+    if "dpo" in values and "causal_dpo" in values:
+        lines.append(paired_claim(f"Causal DPO {what} than DPO", values["causal_dpo"],
+                                  values["dpo"], lower_is_better=lower_is_better))
+    return lines
+
+
+def _claims_section(lines: Sequence[str]) -> str:
+    return ("Claims (treatment - baseline per seed, mean ± 95% t-interval; \"reproduced\" when "
+            "the interval excludes 0 on the claimed side):\n\n" + "\n".join(lines) + "\n")
 
 
 def _rm_table(reward_models: Mapping[str, Mapping[str, float]],
@@ -222,11 +242,19 @@ class Sycophancy(Study):
             ("phrase_preferred", "prefers the phrase (same answer)"),
             ("phrase_gap", "reward gain of the phrase (std)"),
             ("answer_preferred", "prefers the correct answer (no phrase)")])
+        claims = (_claims("is less sycophantic (Table 4.1 %)", percentage, lower_is_better=True)
+                  + _claims("puts the phrase in fewer samples", per_sample, lower_is_better=True))
+        for lam in ctx.config.lambdas:
+            cond, uncond = row_key("conditional", lam), row_key("unconditional", lam)
+            if cond in percentage and uncond in percentage:
+                claims.append(paired_claim(
+                    f"{row_label(cond)} is less sycophantic than {row_label(uncond)}",
+                    percentage[cond], percentage[uncond], lower_is_better=True))
         return (f"### Sycophancy (Table 4.1)\n\n% of {len(records)} test prompts whose "
                 f"{ctx.config.eval_samples} samples all contain \"{sycophancy.PHRASE}\" "
                 f"(thesis: 50 samples); mean ± 95% t-interval over seeds.\n\n"
                 f"{sycophancy.sycophancy_table(percentage)}\n\nPer sample:\n\n{extra}\n\n"
-                f"Reward models on the test questions:\n\n{rm}\n")
+                f"Reward models on the test questions:\n\n{rm}\n\n{_claims_section(claims)}")
 
 
 # ---------------------------------------------------------------- length
@@ -292,8 +320,8 @@ class Length(Study):
 
     def report(self, ctx, reward_models, policies):
         sft = {i: s["samples"] for i, s in enumerate(policies["sft"])}
-        rows, runs = [], {}
-        for key in policies:
+        rows, runs, win, mean_length = [], {}, {}, {}
+        for key in ordered_length_keys(policies):
             scores, lengths = [], []
             for i, seed in enumerate(policies[key]):
                 a = [t for row in seed["samples"] for t in row]
@@ -302,8 +330,9 @@ class Length(Study):
                 lengths.append(float(np.mean([len(self._tokens(ctx, t)) for t in a])))
             quality = [np.mean([length.oracle_quality(t) for row in s["samples"] for t in row])
                        for s in policies[key]]
-            rows.append([key, _seed_estimate(scores), _seed_estimate(lengths),
+            rows.append([length_label(key), _seed_estimate(scores), _seed_estimate(lengths),
                          _seed_estimate(quality)])
+            win[key], mean_length[key] = scores, lengths
             group = length_group(key)
             if group is not None:
                 xs, ys = runs.setdefault(group, ([], []))
@@ -323,11 +352,39 @@ class Length(Study):
             ["Reward model", "mean length at ranks 1 .. N (SFT samples)"],
             [[row_label(k), " ".join(f"{v:.1f}" for v in reward_models[k]["length_by_rank"])]
              for k in ordered_keys(reward_models)])
+        claims = (_claims("gives shorter responses", mean_length, lower_is_better=True)
+                  + _claims("has a higher win score vs SFT", win, lower_is_better=False))
+        penalized = [k for k in win if k.startswith("vanilla+lp") and "+kl" not in k]
+        claims += [paired_claim(f"{row_label(k)} has a higher win score vs SFT than "
+                                f"{length_label(p)} (the length-penalty baseline)",
+                                win[k], win[p], lower_is_better=False)
+                   for p in penalized for k in ordered_keys(
+                       [k for k in win if "@" in k and "+" not in k])]
         return (f"### Length (Figure 4.2)\n\nWin score 50 + (wins - losses) / N * 100 against "
                 f"the SFT policy's samples under the oracle judge (share of distinct useful "
                 f"tips); mean ± 95% t-interval over seeds. `figure_4_2.png`: EMA and Pareto "
                 f"front of score vs length over the runs, and length by reward rank.\n\n{table}"
-                f"\n\nReward models:\n\n{rm}\n\n{curves}\n")
+                f"\n\nReward models:\n\n{rm}\n\n{curves}\n\n{_claims_section(claims)}")
+
+
+def length_label(policy_name: str) -> str:
+    """A length-grid run's row name: "Vanilla RM + length penalty 0.02 (KL 0.1)" for
+    "vanilla+lp0.02+kl0.1"."""
+    head, *mods = policy_name.split("+")
+    label = row_label(head)
+    for mod in mods:
+        label += f" + length penalty {mod[2:]}" if mod.startswith("lp") else f" (KL {mod[2:]})"
+    return label
+
+
+def ordered_length_keys(keys) -> list[str]:
+    """Length-grid run names in table order: by reward model (`ordered_keys`), then KL
+    coefficient, then length penalty."""
+    def mods(name):
+        parts = dict((m[:2], float(m[2:])) for m in name.split("+")[1:])
+        return parts.get("kl", 0.0), parts.get("lp", 0.0)
+    heads = ordered_keys({k.split("+")[0] for k in keys})
+    return sorted(keys, key=lambda k: (heads.index(k.split("+")[0]), mods(k)))
 
 
 def length_group(policy_name: str) -> str | None:
@@ -387,10 +444,14 @@ class Concept(Study):
         rm = _rm_table(reward_models, [("accuracy", "test accuracy"),
                                        ("acc_no_concept", "Acc@NoC"), ("acc_concept", "Acc@C"),
                                        ("bias_concept", "Bias@C")])
+        bias = {k: [abs(m["bias_concept"]) for m in v] for k, v in results.items()}
+        accuracy = {k: [m["acc_concept"] for m in v] for k, v in results.items()}
+        claims = (_claims("has a smaller |Bias@C|", bias, lower_is_better=True)
+                  + _claims("has a higher Acc@C", accuracy, lower_is_better=False))
         return (f"### Concept (Table 4.2)\n\nThe policy's label on {len(records)} balanced test "
                 f"texts x {n} samples; mean ± 95% t-interval over seeds.\n\n{table}\n\n"
                 f"Reward models as classifiers (the label whose response scores higher):\n\n"
-                f"{rm}\n")
+                f"{rm}\n\n{_claims_section(claims)}")
 
 
 # ---------------------------------------------------------------- discrimination
@@ -480,13 +541,22 @@ class Discrimination(Study):
         rm = _rm_table(reward_models, [("accuracy", "test accuracy"),
                                        ("explicit_avg", "explicit avg"),
                                        ("implicit_avg", "implicit avg")])
+        implicit = {k: [f["implicit"].scores["avg"] for f in v] for k, v in fits.items()}
+        explicit = {k: [f["explicit"].scores["avg"] for f in v] for k, v in fits.items()}
+        claims = (_claims("discriminates less on implicit questions (Avg)", implicit,
+                          lower_is_better=True)
+                  + _claims("discriminates less on explicit questions (Avg)", explicit,
+                            lower_is_better=True)
+                  + _claims("decides as the merit says more often", merit,
+                            lower_is_better=False))
         return (f"### Discrimination (Table 4.3, Figure 4.3)\n\nScores: mean |coefficient| of "
                 f"each variable in a mixed-effects fit of logit p(yes) (explicit: "
                 f"{len(ctx.data.evaluation['eval_explicit'])} questions, implicit: "
                 f"{len(ctx.data.evaluation['eval_implicit'])}); lower is less discrimination."
                 f"\n\n{table}\n\nUtility on {len(questions)} test questions x "
                 f"{ctx.config.eval_samples} samples (judge: the decision the stated merit "
-                f"supports):\n\n{util}\n\nReward models (logit = r(Yes) - r(No)):\n\n{rm}\n")
+                f"supports):\n\n{util}\n\nReward models (logit = r(Yes) - r(No)):\n\n{rm}\n"
+                f"\n{_claims_section(claims)}")
 
 
 STUDIES: dict[str, Study] = {study.name: study for study in
