@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import pathlib
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -140,6 +141,7 @@ class Config:
     save_every: int = 200
     progress: bool = True
     plots: bool = True  # a metrics.png per phase
+    results_dir: str = ""  # also copy summary.md and each study's results and figures here
 
     def __post_init__(self):
         unknown = set(self.studies) - set(STUDIES)
@@ -486,7 +488,23 @@ def run(config: Config) -> str:
     summary += "\n".join(tables)
     path = pathlib.Path(config.run_dir) / "summary.md"
     path.write_text(summary, encoding="utf-8")
+    if config.results_dir:
+        _publish(config, summary)
     return summary
+
+
+def _publish(config: Config, summary: str) -> None:
+    """summary.md, and each study's results.md, results.json and figures, into
+    config.results_dir (the committed copy of a run)."""
+    target = pathlib.Path(config.results_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "summary.md").write_text(summary, encoding="utf-8")
+    for name in config.studies:
+        source = pathlib.Path(config.run_dir) / name
+        (target / name).mkdir(exist_ok=True)
+        for path in [source / "results.md", source / "results.json",
+                     *sorted(source.glob("*.png"))]:
+            shutil.copyfile(path, target / name / path.name)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
