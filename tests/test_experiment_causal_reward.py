@@ -87,7 +87,7 @@ def test_restart_restores_instead_of_training(smoke):
 
 
 def test_reward_objectives_follow_the_key():
-    config = Config(rm_steps=100, lambda_warmup=0.5)
+    config = Config(rm_steps=100, lambda_warmup=0.5, lambdas=(1.0, 10.0))
     assert pipeline.reward_objective(config, "vanilla", 2) == BradleyTerry()
     crm = pipeline.reward_objective(config, "conditional@10", 60)
     assert crm == CausalReward(lam=Linear(0.0, 10.0, 50), num_bins=60, bandwidth=(1.0,),

@@ -114,13 +114,13 @@ class Config:
     rm_batch_size: int = 32
     rm_learning_rate: float = 1e-3
     crm_kinds: tuple[str, ...] = CRM_KINDS
-    lambdas: tuple[float, ...] = (1.0, 10.0)
+    lambdas: tuple[float, ...] = (10.0,)
     bandwidth: tuple[float, ...] = (1.0,)
     mmd_reduction: str = "mean"
     mmd_unbiased: bool = False
     lambda_warmup: float = 0.5
     # PPO against each reward model
-    ppo_iterations: int = 8
+    ppo_iterations: int = 4
     ppo_batch_size: int = 32
     ppo_learning_rate: float = 3e-4
     critic_learning_rate: float = 1e-3
@@ -130,7 +130,7 @@ class Config:
     length_kl_coefs: tuple[float, ...] = (0.01,)
     length_penalties: tuple[float, ...] = (0.0, 0.02)  # per response token
     # DPO and Causal DPO (§4.8) on the pairs
-    dpo_steps: int = 60
+    dpo_steps: int = 30
     dpo_batch_size: int = 32
     dpo_learning_rate: float = 3e-4
     dpo_beta: float = 0.1
@@ -138,7 +138,7 @@ class Config:
     # evaluation
     eval_samples: int = 10  # N samples per test prompt (thesis: 50)
     # running
-    save_every: int = 200
+    save_every: int = 50
     progress: bool = True
     plots: bool = True  # a metrics.png per phase
     results_dir: str = ""  # also copy summary.md and each study's results and figures here
