@@ -163,6 +163,7 @@ class Config:
 
 SMOKE = dataclasses.replace(
     Config(), run_dir="runs/causal_reward_smoke", seeds=(0, 1), num_train=64, num_test=8,
+    hidden_size=32, num_layers=1,
     length_bins=3, lambdas=(1.0,), sft_steps=4, sft_batch_size=8, rm_steps=4, rm_batch_size=8,
     ppo_iterations=2, ppo_batch_size=8, dpo_steps=2, dpo_batch_size=8, eval_samples=2,
     length_penalties=(0.0, 0.01), save_every=2, progress=False, plots=False)
@@ -485,12 +486,33 @@ def run(config: Config) -> str:
               for name in config.studies]
     summary = ("# Causal reward models on the embedded model (thesis ch. 4)\n\n"
                if config.model == "tiny" else f"# Causal reward models ({config.model})\n\n")
+    summary += _settings(config) + "\n\n"
     summary += "\n".join(tables)
     path = pathlib.Path(config.run_dir) / "summary.md"
     path.write_text(summary, encoding="utf-8")
     if config.results_dir:
         _publish(config, summary)
     return summary
+
+
+def _settings(config: Config) -> str:
+    """The run's settings in one paragraph (generated from the config)."""
+    model = (f"the embedded Llama (hidden {config.hidden_size}, {config.num_layers} layers)"
+             if config.model == "tiny" else config.model)
+    return (f"Model: {model}, full fine-tuning. SFT {config.sft_steps} steps; reward models "
+            f"{config.rm_steps} steps (batch {config.rm_batch_size}, lr "
+            f"{config.rm_learning_rate:g}), CRM kinds {', '.join(config.crm_kinds)} at lambda "
+            f"in {{{', '.join(f'{v:g}' for v in config.lambdas)}}}, MMD^2: "
+            f"{'unbiased' if config.mmd_unbiased else 'biased (V-statistic)'} estimator, "
+            f"{config.mmd_reduction} over bin pairs, Gaussian bandwidth(s) "
+            f"{', '.join(f'{v:g}' for v in config.bandwidth)}, lambda ramped from 0 over the "
+            f"first {config.lambda_warmup:.0%} of the steps; PPO {config.ppo_iterations} "
+            f"iterations x {config.ppo_batch_size} prompts (KL coefficient {config.kl_coef:g}, "
+            f"{config.ppo_epochs} epochs x {config.ppo_minibatches} minibatches); DPO / Causal "
+            f"DPO {config.dpo_steps} steps (beta {config.dpo_beta:g}, Causal DPO lambda "
+            f"{config.causal_dpo_lambda:g}); N = {config.eval_samples} samples per test prompt; "
+            f"seeds {', '.join(map(str, config.seeds))} (PPO, DPO and sampling; data and reward "
+            f"models: seed {config.data_seed}).")
 
 
 def _publish(config: Config, summary: str) -> None:
