@@ -32,6 +32,16 @@ median-heuristic bandwidth, recomputed from the rewards every step without a gra
 each step shrink the MMD by shrinking the rewards, which collapses them to a constant; and
 the ramp lets the Bradley-Terry term find the true signal before the regulariser weighs in.
 
+The embedded default (`Config()`) is sized for a shared 2-core machine: one lambda (10, the
+value at which the unbiased summed estimator collapsed every study), 100 reward-model steps,
+PPO of 4 iterations x 32 prompts per seed and 30 DPO steps, so its policies move little from
+the SFT policy and most policy-level claims come out inconclusive; the reward-model tables
+show what the regulariser does. `--lambdas 0.3 1 3 10 --ppo_iterations 40 --rm_steps 300` is
+the longer run the same code supports. Each study's results end in a "Claims" list: the
+chapter's claim per CRM policy against the vanilla-RM policy (and Causal DPO against DPO),
+with the per-seed difference, its 95% t-interval and a verdict (reproduced / opposite /
+inconclusive), generated from the numbers.
+
 Everything is resumable: a phase restores its newest checkpoint and trains only what is
 missing, and a policy's or reward model's measurements are cached as JSON beside it, so a
 killed run started again with the same config recomputes only what was not finished.
