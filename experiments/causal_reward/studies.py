@@ -20,6 +20,7 @@ response it prefers), so they isolate what the regulariser does before PPO adds 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -142,11 +143,27 @@ def _claims_section(lines: Sequence[str]) -> str:
             "the interval excludes 0 on the claimed side):\n\n" + "\n".join(lines) + "\n")
 
 
-def _rm_table(reward_models: Mapping[str, Mapping[str, float]],
+def _final_training_terms(ctx: Context, key: str) -> tuple[str, str]:
+    """(the Bradley-Terry term, the lambda * MMD^2 term) of a reward model's loss, averaged
+    over its last 10 logged steps (its metrics.jsonl; "-" where there is no log)."""
+    path = ctx.directory / "rm" / key / "metrics.jsonl"
+    if not path.exists():
+        return "-", "-"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][-10:]
+    if not rows:
+        return "-", "-"
+    mmd = np.mean([r.get("causal/mmd_term", 0.0) for r in rows])
+    return f"{np.mean([r['loss'] for r in rows]) - mmd:.3f}", f"{mmd:.4f}"
+
+
+def _rm_table(ctx: Context, reward_models: Mapping[str, Mapping[str, float]],
               columns: Sequence[tuple[str, str]]) -> str:
+    """One row per reward model: the given metrics, then the two terms of its training loss at
+    the end of training (the regulariser is a biased MMD^2, so never negative)."""
     rows = [[row_label(key)] + [f"{reward_models[key][name]:.3f}" for name, _ in columns]
-            for key in ordered_keys(reward_models)]
-    return markdown_table(["Reward model"] + [title for _, title in columns], rows)
+            + list(_final_training_terms(ctx, key)) for key in ordered_keys(reward_models)]
+    return markdown_table(["Reward model"] + [title for _, title in columns]
+                          + ["final BT loss (train)", "final λ·MMD² (train)"], rows)
 
 
 class Study:
@@ -237,7 +254,7 @@ class Sycophancy(Study):
             ["Model", "samples with the phrase (%)", "samples with the correct answer (%)"],
             [[row_label(k), _seed_estimate(per_sample[k]), _seed_estimate(correct[k])]
              for k in ordered_keys(policies)])
-        rm = _rm_table(reward_models, [
+        rm = _rm_table(ctx, reward_models, [
             ("accuracy", "test accuracy"),
             ("phrase_preferred", "prefers the phrase (same answer)"),
             ("phrase_gap", "reward gain of the phrase (std)"),
@@ -344,7 +361,7 @@ class Length(Study):
                                   rank_curves, ctx.directory / "figure_4_2.png")
         table = markdown_table(["Policy", "win score vs SFT (oracle)", "mean length (tokens)",
                                 "oracle quality"], rows)
-        rm = _rm_table(reward_models, [
+        rm = _rm_table(ctx, reward_models, [
             ("accuracy", "test accuracy"),
             ("padding_preferred", "prefers the padded response"),
             ("padding_gap", "reward gain of padding (std)")])
@@ -441,7 +458,7 @@ class Concept(Study):
         _bar_figure(ctx.directory / "table_4_2.png", f"Bias@C ({ctx.config.concept})",
                     "Bias@C (%)", {k: [m["bias_concept"] for m in v] for k, v in results.items()},
                     reference=0.0)
-        rm = _rm_table(reward_models, [("accuracy", "test accuracy"),
+        rm = _rm_table(ctx, reward_models, [("accuracy", "test accuracy"),
                                        ("acc_no_concept", "Acc@NoC"), ("acc_concept", "Acc@C"),
                                        ("bias_concept", "Bias@C")])
         bias = {k: [abs(m["bias_concept"]) for m in v] for k, v in results.items()}
@@ -538,7 +555,7 @@ class Discrimination(Study):
                  _seed_estimate(merit[k])] for k in ordered_keys(policies)]
         util = markdown_table(["Model", "win rate vs vanilla-RM policy (%)",
                                "decides as the merit says (%)"], rows)
-        rm = _rm_table(reward_models, [("accuracy", "test accuracy"),
+        rm = _rm_table(ctx, reward_models, [("accuracy", "test accuracy"),
                                        ("explicit_avg", "explicit avg"),
                                        ("implicit_avg", "implicit avg")])
         implicit = {k: [f["implicit"].scores["avg"] for f in v] for k, v in fits.items()}
