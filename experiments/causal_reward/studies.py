@@ -316,8 +316,14 @@ class Length(Study):
 
     def _length_by_rank(self, ctx, reward_model) -> np.ndarray:
         """Mean length at each rank of the SFT policy's N samples per test prompt, ranked by
-        the reward model (Figure 4.2, right)."""
-        prompts, samples = ctx.sft_outputs["prompts"], ctx.sft_outputs["samples"]
+        the reward model (Figure 4.2, right), over the prompts none of whose samples is empty
+        (an empty response cannot be prepared as a record)."""
+        kept = [(p, row) for p, row in zip(ctx.sft_outputs["prompts"],
+                                           ctx.sft_outputs["samples"])
+                if all(s.strip() for s in row)]
+        if not kept:
+            raise ValueError("every test prompt has an empty SFT sample: no length-by-rank curve")
+        prompts, samples = [p for p, _ in kept], [row for _, row in kept]
         records = [{"prompt": p, "chosen": s, "rejected": s} for p, row in zip(prompts, samples)
                    for s in row]
         rewards, _ = pair_scores(reward_model, ctx.pairs(records))
