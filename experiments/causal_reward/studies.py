@@ -255,7 +255,7 @@ class Sycophancy(Study):
             [[row_label(k), _seed_estimate(per_sample[k]), _seed_estimate(correct[k])]
              for k in ordered_keys(policies)])
         rm = _rm_table(ctx, reward_models, [
-            ("accuracy", "test accuracy"),
+            ("accuracy", "test accuracy"), ("reward_std", "reward std"),
             ("phrase_preferred", "prefers the phrase (same answer)"),
             ("phrase_gap", "reward gain of the phrase (std)"),
             ("answer_preferred", "prefers the correct answer (no phrase)")])
@@ -368,7 +368,7 @@ class Length(Study):
         table = markdown_table(["Policy", "win score vs SFT (oracle)", "mean length (tokens)",
                                 "oracle quality"], rows)
         rm = _rm_table(ctx, reward_models, [
-            ("accuracy", "test accuracy"),
+            ("accuracy", "test accuracy"), ("reward_std", "reward std"),
             ("padding_preferred", "prefers the padded response"),
             ("padding_gap", "reward gain of padding (std)")])
         curves = markdown_table(
