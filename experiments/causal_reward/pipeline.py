@@ -42,6 +42,16 @@ chapter's claim per CRM policy against the vanilla-RM policy (and Causal DPO aga
 with the per-seed difference, its 95% t-interval and a verdict (reproduced / opposite /
 inconclusive), generated from the numbers.
 
+What the committed embedded run (`experiments/results/causal_reward/`) reproduces: none of the
+chapter's policy-level claims. Its SFT policy rarely produces the trained response format, and
+4 PPO iterations or 30 DPO steps barely move it, so the policy metrics of every method sit at
+the SFT policy's values and every claim check is inconclusive. At the reward-model level the
+vanilla RM learns the spurious feature where the data make it learnable (sycophancy: it prefers
+the phrase on every same-answer pair while not preferring the correct answer), and the CRMs at
+lambda = 10 (biased, mean-reduced MMD^2) keep their test accuracy but satisfy the regulariser
+mainly by shrinking the reward scale (the "reward std" column), not by dropping the phrase
+preference; no training loss went negative.
+
 Everything is resumable: a phase restores its newest checkpoint and trains only what is
 missing, and a policy's or reward model's measurements are cached as JSON beside it, so a
 killed run started again with the same config recomputes only what was not finished.
