@@ -42,15 +42,18 @@ chapter's claim per CRM policy against the vanilla-RM policy (and Causal DPO aga
 with the per-seed difference, its 95% t-interval and a verdict (reproduced / opposite /
 inconclusive), generated from the numbers.
 
-What the committed embedded run (`experiments/results/causal_reward/`) reproduces: none of the
-chapter's policy-level claims. Its SFT policy rarely produces the trained response format, and
-4 PPO iterations or 30 DPO steps barely move it, so the policy metrics of every method sit at
-the SFT policy's values and every claim check is inconclusive. At the reward-model level the
-vanilla RM learns the spurious feature where the data make it learnable (sycophancy: it prefers
-the phrase on every same-answer pair while not preferring the correct answer), and the CRMs at
-lambda = 10 (biased, mean-reduced MMD^2) keep their test accuracy but satisfy the regulariser
-mainly by shrinking the reward scale (the "reward std" column), not by dropping the phrase
-preference; no training loss went negative.
+What the committed embedded run (`experiments/results/causal_reward/`, per-claim verdicts
+generated from the numbers) shows. Reproduced: the length study's CRM policies (both kinds) and
+Causal DPO give much shorter responses than the vanilla-RM policy and DPO. Not reproduced
+(inconclusive at 3 seeds): everything that needs a policy of good quality (win score, Table 4.1's
+sycophancy percentage, Bias@C, the discrimination scores), because the SFT policy rarely produces
+the trained response format and 4 PPO iterations or 30 DPO steps move it little; Causal DPO's
+|Bias@C| came out above DPO's. At the reward-model level the vanilla RM learns the spurious
+feature where the data make it learnable (sycophancy: it prefers the phrase on every same-answer
+pair while not preferring the correct answer), and the CRMs at lambda = 10 (biased,
+mean-reduced MMD^2) keep their test accuracy but meet the regulariser mainly by shrinking the
+reward scale (the "reward std" column), not by dropping the phrase preference; no training loss
+went negative.
 
 Everything is resumable: a phase restores its newest checkpoint and trains only what is
 missing, and a policy's or reward model's measurements are cached as JSON beside it, so a
