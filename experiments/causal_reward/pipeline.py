@@ -44,11 +44,13 @@ inconclusive), generated from the numbers.
 
 What the committed embedded run (`experiments/results/causal_reward/`, per-claim verdicts
 generated from the numbers) shows. Reproduced: the length study's CRM policies (both kinds) and
-Causal DPO give much shorter responses than the vanilla-RM policy and DPO. Not reproduced
-(inconclusive at 3 seeds): everything that needs a policy of good quality (win score, Table 4.1's
-sycophancy percentage, Bias@C, the discrimination scores), because the SFT policy rarely produces
-the trained response format and 4 PPO iterations or 30 DPO steps move it little; Causal DPO's
-|Bias@C| came out above DPO's. At the reward-model level the vanilla RM learns the spurious
+Causal DPO give much shorter responses than the vanilla-RM policy and DPO; in the discrimination
+study the unconditional-CRM policy has lower explicit scores and decides as the merit says more
+often than the vanilla-RM policy, and Causal DPO avoids the collapse of DPO (whose decisions stop
+following the merit) with far lower explicit scores. Not reproduced (inconclusive at 3 seeds):
+the length win score, Table 4.1's sycophancy percentage, Bias@C and the implicit scores, and
+the conditional CRM's advantage, because the SFT policy rarely produces the trained response
+format and 4 PPO iterations move it little; Causal DPO's |Bias@C| came out above DPO's. At the reward-model level the vanilla RM learns the spurious
 feature where the data make it learnable (sycophancy: it prefers the phrase on every same-answer
 pair while not preferring the correct answer), and the CRMs at lambda = 10 (biased,
 mean-reduced MMD^2) keep their test accuracy but meet the regulariser mainly by shrinking the
