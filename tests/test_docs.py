@@ -77,12 +77,12 @@ class Block:
         return f"{self.file}:{self.line}"
 
 
-def doc_blocks(file: str) -> list[Block]:
-    """Every fenced block of `file` (indented ones too, e.g. inside list items)."""
-    lines = (ROOT / file).read_text().splitlines()
+def doc_blocks(file: str, text: str | None = None) -> list[Block]:
+    """Every fenced block of `file` (or of `text`; indented ones too, e.g. in list items)."""
+    lines = ((ROOT / file).read_text() if text is None else text).splitlines()
     blocks, index = [], 0
     while index < len(lines):
-        opening = re.match(r"^(\s*)```(\S*)\s*$", lines[index])
+        opening = re.match(r"^(\s*)```(\S*)", lines[index])
         if opening is None:
             index += 1
             continue
@@ -378,3 +378,37 @@ def check_script(path: pathlib.Path, args: list[str]) -> None:
         del sys.modules[spec.name]
     assert hasattr(module, "parse_args"), f"{path.name} has no parse_args(argv)"
     module.parse_args(args)
+
+
+# ------------------------------------------------------------- the harness can fail
+
+def test_harness_finds_every_fence_and_refuses_what_it_cannot_check(tmp_path, monkeypatch):
+    text = "x\n```python\nprint(1)\n```\n- item\n\n  ```text\n  out\n  ```\n```\nbare\n```\n"
+    assert [(b.line, b.language, b.text) for b in doc_blocks("X.md", text)] == [
+        (2, "python", "print(1)\n"), (7, "text", "out\n"), (10, "", "bare\n")]
+    with pytest.raises(ValueError, match="never closed"):
+        doc_blocks("X.md", "```bash\nls\n")
+    monkeypatch.chdir(tmp_path)
+    refused = [(["make", "all"], ValueError), (["python", "-m", "flake8"], ValueError),
+               (["python", "tools/x.py"], AssertionError),
+               (["pip", "install", "-e", ".[no_such_extra]"], AssertionError),
+               (["pip", "install", "-e", ".", "left-pad"], AssertionError),
+               (["pip", "install", "-e", ".", "jax[no_such_extra]"], AssertionError),
+               (["python3.9", "-m", "venv", ".venv"], AssertionError),
+               (["python", "-m", "pytest", "tests/test_no_such_file.py"], AssertionError),
+               (["python", "-m", "experiments.fdpo_sentiment", "--no_such_flag", "1"],
+                SystemExit),
+               (["python", "benchmarks/ppo.py", "--no-such-flag"], SystemExit),
+               (["alignax", "train", "no_such_config.py"], (ValueError, OSError))]
+    for words, error in refused:
+        with pytest.raises(error):
+            check_command(words, ROOT)
+    assert commands("A=1 python x.py --a '' && cd b  # note") == [
+        ["A=1", "python", "x.py", "--a", ""], ["cd", "b"]]
+    assert logical_lines("a \\\n  b\n\nc\n") == [(0, "a    b"), (3, "c")]
+
+
+def test_hub_ids_are_replaced_in_string_literals_only():
+    text = 'f("gpt2", x="gpt2x")  # or "gpt2"\n'
+    assert substitute_hub_ids(text, lambda hub_id: pathlib.Path("/local") / hub_id) == \
+        "f('/local/gpt2', x=\"gpt2x\")  # or \"gpt2\"\n"
