@@ -424,3 +424,22 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
     # a record made under another training config is refused, not mixed in
     with pytest.raises(ConfigMismatchError, match="another config"):
         run(dataclasses.replace(config, policy_learning_rate=0.5))
+
+
+def test_docs_state_the_committed_run_and_the_paper_grid():
+    """The package docstring's verdicts are the committed run's (experiments/results/...), and
+    BUILD.md's count of PAPER policy runs is PAPER's."""
+    import pathlib
+
+    import experiments.distill_length_bias as study
+
+    results = pathlib.Path(study.__file__).parents[1] / "results" / "distill_length_bias"
+    claims = json.loads((results / "summary.json").read_text())["claims"]
+    doc = " ".join(study.__doc__.split())
+    assert len(claims) == len(report.CLAIMS)
+    for claim in claims.values():
+        assert " ".join(f"- {claim['verdict']}: {claim['claim']}".split()) in doc
+    runs = len(study.PAPER.rhos) * len(study.PAPER.seeds) * (
+        5 * len(study.PAPER.betas) + len(study.PAPER.taus))
+    build = (pathlib.Path(study.__file__).parents[2] / "BUILD.md").read_text()
+    assert f"{runs} policy runs of 10^4 steps" in build

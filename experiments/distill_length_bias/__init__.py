@@ -1,9 +1,55 @@
 """Reward-model distillation under a spurious length bias: 004 §4, Figure 2, C.1, D.1.
 
-    python -m experiments.distill_length_bias                  # embedded default
-    python -m experiments.distill_length_bias --rhos 0.2 0.3 0.4 0.5 0.6 0.7 0.8
+    python -m experiments.distill_length_bias                        # embedded default
+    python -m experiments.distill_length_bias --rhos 0.2 0.4 0.6 0.8 --betas 0.1 0.3 1 3
 
-TODO(docstring): written after the full-size run.
+What 004 §4 does: an oracle reward model trained on TL;DR preferences relabels every pair;
+training sets D_rho (30K pairs) in which the longer summary wins in a fraction rho in
+{0.2, ..., 0.8}; DPO and IPO on D_rho against d-DPO (distil r_rho, trained on D_rho; eq. 7),
+p-DPO (DPO + gamma forward KL; eq. 13), pd-DPO (eq. 11 with {r_rho}) and e-DPO (eq. 11 with
+the ensemble r_{rho,b}, each trained on the subset D_{rho,b} of D_rho in which the longer
+response wins in a fraction b in {0.2, 0.4, 0.5, 0.6, 0.8}); gamma annealed 1e-4 -> 1e-2;
+beta / tau swept and chosen on validation; the oracle advantage of each policy over pi_SFT on
+test prompts with bootstrap intervals (Figure 2), the ensemble member that best matches the
+e-DPO policy on each training pair (Figure C.1), validation results per hyper-parameter
+(Figure D.1).
+
+What this module does at CPU size (every piece is the paper's except where said):
+- the task (`world`): the corpus' questions as prompts, responses of 1-3 tips, each useful or
+  unhelpful; a PROGRAMMATIC oracle r* = mean tip value + a per-(question, tip) relevance that a
+  small reward model cannot learn + 0.4 x the number of tips, so that, like the TL;DR oracle,
+  it prefers longer responses (the longer response of a pool pair wins about 61-63% of the
+  time, 004: 61%). It plays the oracle reward model's two roles (relabelling, evaluation);
+  training an oracle reward model on oracle-sampled labels first would only add noise here;
+- pairs: two generator responses per train prompt, relabelled by the oracle; "longer" = at
+  least 10% more tokens (pairs within 10% are left out of every D_rho); D_rho of 256 pairs;
+- pi_SFT: the embedded tiny Llama fine-tuned on generator responses (`alignax.trainer.train`);
+- reward models: all 6 x |rhos| x |seeds| members (r_rho and the five r_{rho,b} of every
+  (seed, rho)) are ONE `alignax.models.RewardEnsemble` trained by one vmapped step in which
+  every member reads its own subset (`rewards`; why not the library's train step is said
+  there); they start from pi_SFT's transformer (the paper starts every model from one
+  pretrained LM);
+- policies: the registered objectives `DPO`, `IPO`, `Distill`, `PessimisticDPO`,
+  `PessimisticDistill` (pd-DPO: target rewards [B], e-DPO: [B, 5]) with
+  `alignax.schedules.pessimism_schedule` evaluated in the train step; one compiled step per
+  (method, hyper-parameter) shared by every rho and seed (`phases.PolicyRunner`);
+- scaled down: rho in {0.2, 0.5, 0.8} (every rho is a flag away), beta in {0.3, 1}, tau in
+  {0.1, 1}, 64 policy steps, validation at steps 32 and 64 (selection over hyper-parameter
+  and step, as the paper selects during training), 3 seeds; intervals over (seed, test
+  prompt) units, 12 test prompts x 8 samples (pi_SFT: 32 samples).
+
+Outputs under `run_dir`: sft/ (the trainer's run), rewards/ (metrics.jsonl, checkpoints, the
+members' scores), policies/<method>/<hyper>/<group>/metrics.jsonl, results.jsonl (one record
+per policy run and per pi_SFT evaluation: per-prompt oracle reward, sentences, tokens, share
+of useful tips at every eval step; e-DPO's best-member counts), summary.md (all tables and the
+paper's claims judged on the run), summary.json, figure2.png, figure_c1.png, figure_d1.png,
+timings.json. A killed run started again with the same config restores the SFT and reward
+checkpoints, reuses the scores and skips every policy run already in results.jsonl.
+
+What the committed run (experiments/results/distill_length_bias/) reproduces, claim by claim
+as judged in its summary.md (a test checks this list against its summary.json):
+
+CLAIMS_IN_COMMITTED_RUN
 """
 
 from experiments.distill_length_bias.study import PAPER, SMOKE, Config, main, run

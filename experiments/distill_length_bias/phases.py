@@ -217,52 +217,60 @@ def reward_phase(config, world: World, groups: list[Group], sft, tokenizer
     probe_tokens = _unlabeled_tokens(config, world, probe, tokenizer)
     group_tokens = [_unlabeled_tokens(config, world, g.pairs, tokenizer) for g in groups]
     member_group = np.repeat(np.arange(len(groups)), members_per_group)  # [M]
-    rows = max(len(t) for t in group_tokens)
-
-    def member_rows(per_group, width):  # [M, 2 width, T]: a rows then b rows of each group
-        out = []
-        for t in per_group:
-            pad = width - len(t)
-            ids = np.concatenate([np.pad(t.first_ids, ((0, pad), (0, 0))),
-                                  np.pad(t.second_ids, ((0, pad), (0, 0)))])
-            mask = np.concatenate([np.pad(t.first_mask, ((0, pad), (0, 0))),
-                                   np.pad(t.second_mask, ((0, pad), (0, 0)))])
-            mask[:, 0] = np.maximum(mask[:, 0], 1)  # padded rows: one real token, scores dropped
-            out.append((ids, mask))
-        ids = np.stack([out[g][0] for g in member_group])
-        mask = np.stack([out[g][1] for g in member_group])
-        return ids, mask
-
-    ids, mask = member_rows(group_tokens, rows)
-    group_scores = reward_models.score_member_rows(ensemble, ids, mask,
-                                                   batch_size=config.score_batch_size)
-    ids, mask = member_rows([probe_tokens] * len(groups), len(probe))
-    probe_scores = reward_models.score_member_rows(ensemble, ids, mask,
-                                                   batch_size=config.score_batch_size)
+    width = max(len(t) for t in group_tokens)
+    group_scores = reward_models.score_member_rows(
+        ensemble, *_member_rows(group_tokens, member_group, width),
+        batch_size=config.score_batch_size)  # [M, 2 width]
+    probe_scores = reward_models.score_member_rows(
+        ensemble, *_member_rows([probe_tokens] * len(groups), member_group, len(probe)),
+        batch_size=config.score_batch_size)  # [M, 2 P]
     scores, diagnostics = {}, {}
-    length_gap = (probe.tokens_a - probe.tokens_b).astype(np.float64)
-    oracle_gap = probe.reward_a - probe.reward_b
     for i, g in enumerate(groups):
         cols = slice(i * members_per_group, (i + 1) * members_per_group)
         n = len(g.pairs)
-        a, b = group_scores[cols, :n].T, group_scores[cols, rows:rows + n].T  # [N, 1 + B]
+        a, b = group_scores[cols, :n].T, group_scores[cols, width:width + n].T  # [N, 1 + B]
         scores[g.name] = (a, b)
-        pa, pb = probe_scores[cols, :len(probe)], probe_scores[cols, len(probe):]  # [1+B, P]
-        gap = pa - pb
-        train_accuracy = [float(((a[s, j] > b[s, j]) == g.pairs.a_wins[s]).mean())
-                          for j, s in enumerate(g.subsets)]
-        diagnostics[g.name] = {
-            "probe_accuracy": ((gap > 0) == (oracle_gap > 0)[None]).mean(1).tolist(),
-            "probe_length_corr": [float(np.corrcoef(row, length_gap)[0, 1]) for row in gap],
-            "train_accuracy": train_accuracy,
-            "subset_sizes": [len(s) for s in g.subsets],
-            "subset_longer_wins": [float((s < g.k).mean()) for s in g.subsets],
-            "oracle_probe_length_corr": float(np.corrcoef(oracle_gap, length_gap)[0, 1])}
+        diagnostics[g.name] = _diagnostics(g, a, b, probe, probe_scores[cols])
     np.savez(saved, **{f"{name}/{side}": value for name, (a, b) in scores.items()
                        for side, value in (("a", a), ("b", b))})
     (directory / "scores.json").write_text(json.dumps(
         {"config": config_hash(fields), "diagnostics": diagnostics}, indent=1))
     return scores, diagnostics
+
+
+def _member_rows(per_group: list[reward_models.PairTokens], member_group: np.ndarray,
+                 width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[M, 2 width, T] ids and masks: member m reads its group's a rows then b rows, each
+    block padded to `width` rows (padded rows hold one attended token; their scores are
+    dropped)."""
+    out = []
+    for t in per_group:
+        pad = ((0, width - len(t)), (0, 0))
+        ids = np.concatenate([np.pad(t.first_ids, pad), np.pad(t.second_ids, pad)])
+        mask = np.concatenate([np.pad(t.first_mask, pad), np.pad(t.second_mask, pad)])
+        mask[:, 0] = np.maximum(mask[:, 0], 1)
+        out.append((ids, mask))
+    return (np.stack([out[g][0] for g in member_group]),
+            np.stack([out[g][1] for g in member_group]))
+
+
+def _diagnostics(group: Group, a: np.ndarray, b: np.ndarray, probe: Pairs,
+                 probe_scores: np.ndarray) -> dict:
+    """A group's members on their training subsets and on the unbiased probe pairs: accuracy
+    against the oracle, and the correlation of the reward gap with the token-length gap
+    (a, b: [N, 1 + B] scores of D_rho's pairs; probe_scores: [1 + B, 2 P])."""
+    count = len(probe)
+    gap = probe_scores[:, :count] - probe_scores[:, count:]  # [1 + B, P]
+    length_gap = (probe.tokens_a - probe.tokens_b).astype(np.float64)
+    oracle_gap = probe.reward_a - probe.reward_b
+    return {
+        "probe_accuracy": ((gap > 0) == (oracle_gap > 0)[None]).mean(1).tolist(),
+        "probe_length_corr": [float(np.corrcoef(row, length_gap)[0, 1]) for row in gap],
+        "train_accuracy": [float(((a[s, j] > b[s, j]) == group.pairs.a_wins[s]).mean())
+                           for j, s in enumerate(group.subsets)],
+        "subset_sizes": [len(s) for s in group.subsets],
+        "subset_longer_wins": [float((s < group.k).mean()) for s in group.subsets],
+        "oracle_probe_length_corr": float(np.corrcoef(oracle_gap, length_gap)[0, 1])}
 
 
 REWARD_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",

@@ -24,7 +24,6 @@ import dataclasses
 
 import jax
 import numpy as np
-from flax import nnx
 
 from alignax.eval import SamplingConfig, encode_prompts, sample
 from alignax.objectives import (DPO, IPO, Distill, Objective, PessimisticDistill,
@@ -126,8 +125,3 @@ def best_members(h_1: np.ndarray, h_2: np.ndarray, rewards_1: np.ndarray,
     _, aux = pessimistic_distill_loss(h_1, h_2, np.asarray(rewards_1).T,
                                       np.asarray(rewards_2).T, beta=beta, gamma=0.0)
     return np.asarray(aux["per_example_member"])
-
-
-def merged(graphdef, params, rest) -> nnx.Module:
-    """The model of `params` (float32) and the frozen model state `rest`."""
-    return nnx.merge(graphdef, params, rest)

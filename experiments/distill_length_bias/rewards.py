@@ -168,7 +168,7 @@ def train_ensemble(ensemble: RewardEnsemble, tokens: PairTokens, subsets: list[n
                    run_dir: pathlib.Path, config: dict, save_every: int) -> RewardEnsemble:
     """Trains member m on the pairs `tokens[subsets[m]]` for `steps` vmapped steps of
     `batch_size` pairs per member; checkpointed in run_dir/checkpoints (a resumed run restores
-    the newest one and continues), metrics in run_dir/metrics.jsonl (mean and min / max over
+    the newest one and continues; `config["reward_steps"]` may change), metrics in run_dir/metrics.jsonl (mean and min / max over
     members of the loss and accuracy).
 
     Raises:
@@ -182,7 +182,7 @@ def train_ensemble(ensemble: RewardEnsemble, tokens: PairTokens, subsets: list[n
     state = {"params": params, "opt_state": jax.vmap(optimizer.init)(params),
              "step": jnp.zeros((), jnp.int32)}
     checkpointer = Checkpointer(run_dir / "checkpoints", config=config, save_every=save_every,
-                                keep=1, ignore_config_keys=("steps",))
+                                keep=1, ignore_config_keys=("reward_steps",))
     restored = checkpointer.restore_latest(state)
     if restored is not None:
         state = restored[0]

@@ -127,6 +127,10 @@ and 4e-6. The data, SFT corpus and models stay the embedded ones (the TL;DR data
 PaLM-2 models are not loadable here; BUILD.md says what a TL;DR run needs)."""
 
 
+SFT_EVAL_INDEX = 10_000
+"""The eval-point index of pi_SFT's evaluation keys (the policies' are 0, 1, ...)."""
+
+
 def _policy_fields(config: Config) -> dict:
     """The config fields a policy run's record depends on (a record made under other values
     is refused on resume)."""
@@ -211,7 +215,7 @@ def run(config: Config) -> str:
         if seed not in baselines:
             record = {"method": "sft", "seed": seed, "config": expected,
                       **{split: baseline_evaluators[split](
-                          sft_model, eval_key(seed, 10_000, split)).as_dict()
+                          sft_model, eval_key(seed, SFT_EVAL_INDEX, split)).as_dict()
                          for split in ("val", "test")}}
             _append(results_path, record)
             baselines[seed] = record
@@ -330,7 +334,7 @@ def write_report(config: Config, records, baselines, reward_diagnostics, pool_st
 
 def _setup_text(config: Config, pool_stats, groups) -> str:
     longer = np.mean([s["longer_preferred"] for s in pool_stats.values()])
-    realised = {f"{g.rho:g}": g.k / len(g.pairs) for g in groups}
+    realised = ", ".join(sorted({f"{g.k / len(g.pairs):.3f}" for g in groups}))
     return (f"{len(config.seeds)} seeds x rho in {list(config.rhos)}; D_rho: {config.num_pairs} "
             f"oracle-labelled pairs (the longer response wins in a fraction rho, realised "
             f"{realised}); before selection the longer response wins {longer:.0%} of the pool "

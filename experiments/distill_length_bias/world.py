@@ -17,8 +17,8 @@ A summarisation-sized analogue of 004 §4.1 that the embedded tokenizer and tiny
   response scores -1. Like the TL;DR oracle of 004 (after relabelling, the longer summary wins
   61% of the pairs) r* prefers longer responses at equal quality: with the defaults the
   longer response of a generator pair wins about 60% of the time. The relevance term is what
-  a small reward model cannot learn from a few hundred pairs (78 questions x 20 tips), so the
-  labels are not a function of what the reward models see, as for real reward models, and a
+  a small reward model cannot learn from a few hundred pairs (one value per question and tip),
+  so the labels are not a function of what the reward models see, as for real reward models, and a
   length-biased D_rho can tilt what they learn about length;
 - the generator (the pairs' source and the SFT data): n ~ Uniform{1..max_sentences}, each
   sentence useful with probability `useful_probability`, no tip twice.
