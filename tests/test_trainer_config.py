@@ -18,7 +18,7 @@ from alignax.trainer import (DataConfig, LabelConfig, ModelConfig, RunConfig, Tr
                              config_from_dict, config_to_dict, load_config_file, train)
 from alignax.trainer import cli
 from alignax.trainer.config import RESUMABLE
-from alignax.trainer.runs import prepare_inputs, prepare_run_dir
+from alignax.trainer.runs import check_run_dir, prepare_inputs, write_run_config
 from alignax.models import create
 from alignax.training import ConfigMismatchError
 
@@ -97,16 +97,16 @@ def test_config_json_round_trip_keeps_schedules():
 def test_resume_refuses_another_config_naming_the_fields(tmp_path):
     config = RunConfig(run_dir=str(tmp_path / "run"), objective=DPO(beta=0.1),
                        train=TrainConfig(steps=10))
-    prepare_run_dir(config, {"data": "a"})
+    write_run_config(*check_run_dir(config, {"data": "a"}))
     # the number of steps (and the other RESUMABLE fields) may change
     longer = RunConfig(run_dir=config.run_dir, objective=DPO(beta=0.1),
                        train=TrainConfig(steps=20, save_every=5, progress=False))
-    prepare_run_dir(longer, {"data": "a"})
+    write_run_config(*check_run_dir(longer, {"data": "a"}))
     assert "train.steps" in RESUMABLE
     other = RunConfig(run_dir=config.run_dir, objective=DPO(beta=0.2),
                       train=TrainConfig(steps=20, batch_size=16))
     with pytest.raises(ConfigMismatchError) as error:
-        prepare_run_dir(other, {"data": "b"})
+        check_run_dir(other, {"data": "b"})
     message = str(error.value)
     assert "objective.beta: 0.1 (run directory) != 0.2 (this run)" in message
     assert "train.batch_size: 8 (run directory) != 16 (this run)" in message
@@ -223,6 +223,7 @@ def test_objective_against_the_model_kind(files):
     with pytest.raises(ValueError, match="bradley_terry trains a reward model on its scalar "
                                          "scores, but the model is a causal LM"):
         train(_config(files, objective=BradleyTerry()), model=policy, data=td.hh_records(8))
+    assert not (files / "guard" / "config.json").exists()  # a refused start leaves no run
     rm = td.write_reward_model(files / "rm_guard", seed=0)
     with pytest.raises(ValueError, match="dpo trains a causal LM policy on its response "
                                          "log-probs, but the model is a reward model"):
