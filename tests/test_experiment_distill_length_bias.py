@@ -193,7 +193,8 @@ def test_ensemble_starts_from_the_policy(tiny_policy):
             stacked = np.asarray(flat[("backbone", *path)][...])
             for m in range(3):
                 np.testing.assert_array_equal(stacked[m], np.asarray(variable[...]))
-    heads = np.asarray(flat[("score",)][...])  # [3, D, 1]
+    (head,) = [v for path, v in flat.items() if path[0] == "score"]
+    heads = np.asarray(head[...])  # [3, D, 1]
     assert heads.shape[0] == 3 and not np.allclose(heads[0], heads[1])
 
 
