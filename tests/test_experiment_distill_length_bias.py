@@ -363,6 +363,10 @@ def test_member_shares_and_claims_by_hand():
     assert claims["edpo_best_short"][0] == "fails" and "pd-dpo" in claims["edpo_best_short"][1]
     assert claims["beta_inverse"][0] == "fails"
     assert claims["distill_beats_dpo_ipo"][0] == "holds"
+    assert [report.paper_statement(r) for r in (0.2, 0.5, 0.6, 0.7)] == [
+        report.paper_statement(0.2), report.paper_statement(0.2), "(no statement)",
+        report.paper_statement(0.8)]
+    assert "e-DPO" in report.paper_statement(0.5) and "d-DPO best" in report.paper_statement(0.7)
     only = report.judge_claims({"dpo": estimates["dpo"]}, {"dpo": selections["dpo"]}, {},
                                (0.2, 0.8))
     assert only["distill_beats_dpo_ipo"][0] == "n/a" and only["members_opposite"][0] == "n/a"
@@ -391,6 +395,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
     for rho in ("0.2", "0.8"):
         assert f"| {rho} |" in table
+    assert "| best here | 004 §4.2 |" in table and report.paper_statement(0.8) in table
     for name in ("summary.md", "summary.json", "figure2.png", "figure_c1.png",
                  "figure_d1.png", "results.jsonl", "timings.json"):
         assert (out / name).stat().st_size > 0, name

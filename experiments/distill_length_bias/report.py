@@ -45,6 +45,16 @@ CLAIMS = (
 """(key, the paper's claim): every one of them is stated as holding in 004."""
 
 
+def paper_statement(rho: float) -> str:
+    """What 004 §4.2 states about the methods at `rho` (Figure 2 is a plot; its numbers are
+    not given in the text, so the paper's column of the Figure 2 table is this statement)."""
+    if rho <= 0.5:
+        return "e-DPO generally best; d-, pd-, e-DPO > DPO, IPO (p < .01)"
+    if rho > 0.6:
+        return "d-DPO best; d-DPO > DPO, IPO (p < .01)"
+    return "(no statement)"
+
+
 def advantage(stats: Mapping, baseline: Mapping) -> np.ndarray:
     """[P] per-prompt oracle advantage over pi_SFT: policy mean minus pi_SFT mean."""
     return np.asarray(stats["oracle"], np.float64) - np.asarray(baseline["oracle"], np.float64)

@@ -266,9 +266,11 @@ def write_report(config: Config, records, baselines, reward_diagnostics, pool_st
     def label(method, selected):
         return f"{hyper_name(method)}={selected['value']:g}, step {selected['step']}"
 
-    main = {f"{rho:g}": {m: f"{estimates[m][rho].format()} ({label(m, selections[m][rho])})"
-                         for m in config.methods} for rho in rhos}
-    main_table = report.table(main, config.methods, "rho")
+    main = {f"{rho:g}": {**{m: f"{estimates[m][rho].format()} ({label(m, selections[m][rho])})"
+                            for m in config.methods},
+                         "best here": max(config.methods, key=lambda m: estimates[m][rho].mean),
+                         "004 §4.2": report.paper_statement(rho)} for rho in rhos}
+    main_table = report.table(main, [*config.methods, "best here", "004 §4.2"], "rho")
     sections = [f"# Reward-model distillation under length bias (cf. 004 §4, Figure 2)\n",
                 _setup_text(config, pool_stats, groups),
                 "## Figure 2: test oracle advantage over pi_SFT, mean [95% bootstrap CI] "
