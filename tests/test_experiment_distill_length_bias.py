@@ -397,7 +397,7 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
         assert f"| {rho} |" in table
     assert "| best here | 004 §4.2 |" in table and report.paper_statement(0.8) in table
     for name in ("summary.md", "summary.json", "figure2.png", "figure_c1.png",
-                 "figure_d1.png", "results.jsonl", "timings.json"):
+                 "figure_d1.png", "results.jsonl", "timings.jsonl"):
         assert (out / name).stat().st_size > 0, name
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     policies = [r for r in records if r["method"] != "sft"]
@@ -422,6 +422,9 @@ def test_smoke_pipeline_end_to_end_and_resume(tmp_path):
     kept, lost = records[:-2], records[-2:]
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     assert run(config) == table
+    invocations = [json.loads(line) for line in (out / "timings.jsonl").read_text().splitlines()]
+    assert len(invocations) == 2 and set(invocations[1]["phases"]) == {
+        "sft", "reward_models", "policies", "report"}
     again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert again[-2:] == lost
     assert (out / "sft" / "metrics.jsonl").read_text() == sft_lines

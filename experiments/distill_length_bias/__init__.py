@@ -43,7 +43,8 @@ members' scores), policies/<method>/<hyper>/<group>/metrics.jsonl, results.jsonl
 per policy run and per pi_SFT evaluation: per-prompt oracle reward, sentences, tokens, share
 of useful tips at every eval step; e-DPO's best-member counts), summary.md (all tables and the
 paper's claims judged on the run), summary.json, figure2.png, figure_c1.png, figure_d1.png,
-timings.json. A killed run started again with the same config restores the SFT and reward
+timings.jsonl (one line per invocation: wall / CPU seconds and load averages per phase).
+A killed run started again with the same config restores the SFT and reward
 checkpoints, reuses the scores and skips every policy run already in results.jsonl.
 
 What the committed run (experiments/results/distill_length_bias/) reproduces, claim by claim

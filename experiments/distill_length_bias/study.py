@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
+import os
 import pathlib
 import resource
 import sys
@@ -172,12 +174,15 @@ def run(config: Config) -> str:
                        num_val=config.val_prompts, num_test=config.test_prompts,
                        relevance_scale=config.relevance_scale, length_weight=config.length_weight)
     mesh = make_mesh(config.mesh)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     timings, marks = {}, [(time.perf_counter(), _cpu_seconds())]
 
-    def lap(name):  # wall and CPU (user + system, all threads) seconds of each phase
+    def lap(name):  # wall and CPU (user + system, all threads) seconds of each phase, and
+        # the machine's 1/5/15-minute load averages at its end (the machine may be shared)
         now = (time.perf_counter(), _cpu_seconds())
         timings[name] = {"wall_s": round(now[0] - marks[-1][0], 1),
-                         "cpu_s": round(now[1] - marks[-1][1], 1)}
+                         "cpu_s": round(now[1] - marks[-1][1], 1),
+                         "load_average": [round(x, 2) for x in os.getloadavg()]}
         marks.append(now)
         log.info("%s done (%s)", name, timings[name])
 
@@ -247,7 +252,8 @@ def run(config: Config) -> str:
     lap("policies")
     table = write_report(config, records, baselines, reward_diagnostics, pool_stats, groups)
     lap("report")
-    (run_dir / "timings.json").write_text(json.dumps(timings, indent=1))
+    _append(run_dir / "timings.jsonl", {"started": started, "cpu_count": os.cpu_count(),
+                                        "phases": timings})
     return table
 
 
