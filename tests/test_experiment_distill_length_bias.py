@@ -443,11 +443,25 @@ def test_docs_state_the_committed_run_and_the_paper_grid():
     import experiments.distill_length_bias as study
 
     results = pathlib.Path(study.__file__).parents[1] / "results" / "distill_length_bias"
-    claims = json.loads((results / "summary.json").read_text())["claims"]
+    summary = json.loads((results / "summary.json").read_text())
+    claims = summary["claims"]
     doc = " ".join(study.__doc__.split())
     assert len(claims) == len(report.CLAIMS)
     for claim in claims.values():
         assert " ".join(f"- {claim['verdict']}: {claim['claim']}".split()) in doc
+    # the prose after the list: the members' length correlation (mean over seeds, as in
+    # summary.md) rises with b at every rho, r_rho's with rho, and p-DPO is the best method at
+    # the two smaller rhos
+    corr = {rho: np.mean([d["probe_length_corr"] for name, d in summary["reward_models"].items()
+                          if name.startswith(f"rho{rho}_")], axis=0)
+            for rho in ("0.2", "0.5", "0.8")}  # [1 + B] each
+    for rho, values in corr.items():
+        assert list(values[1:]) == sorted(values[1:]), (rho, values)
+    assert corr["0.2"][0] < corr["0.5"][0] < corr["0.8"][0]
+    means = {m: {rho: v["test_advantage"]["mean"] for rho, v in by_rho.items()}
+             for m, by_rho in summary["selected"].items()}
+    assert [max(means, key=lambda m: means[m][rho]) for rho in ("0.2", "0.5")] == ["p-dpo"] * 2
+    assert "p-DPO (not e-DPO) is the best method at the smaller rhos" in doc
     runs = len(study.PAPER.rhos) * len(study.PAPER.seeds) * (
         5 * len(study.PAPER.betas) + len(study.PAPER.taus))
     build = (pathlib.Path(study.__file__).parents[2] / "BUILD.md").read_text()

@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 from alignax.eval import Estimate, bootstrap_estimate, compare, markdown_table
@@ -246,6 +247,10 @@ def figure_d1(curves: Mapping[str, Mapping[float, Mapping[float, float]]], path)
             ax.plot(np.asarray(xs)[order], np.asarray(list(curve.values()))[order], marker="o",
                     label=f"rho={rho:g}")
         ax.set_xscale("log")
+        ticks = sorted({1.0 / v if method == "ipo" else v for c in curves[method].values()
+                        for v in c})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set(title=method, xlabel="1 / tau" if method == "ipo" else "beta")
     axes[0][0].set_ylabel("validation advantage")
     axes[0][-1].legend(fontsize=7)
