@@ -375,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     config = parse_config(Config, argv, prog="python -m experiments.distill_length_bias")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)  # the phases' progress, also when a handler was set up before
     table = run(config)
     print(table)
     return table
