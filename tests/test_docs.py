@@ -200,9 +200,17 @@ def substitute_hub_ids(text: str, hub_dirs) -> str:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A fresh working directory holding the user's `hh.jsonl`; hub access off."""
+    """A fresh working directory holding the user's `hh.jsonl`; hub access off (the libraries
+    read the variables at import, hence their constants too), so an unknown hub id fails at
+    once instead of after minutes of retries."""
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh_records(64)))
@@ -412,3 +420,10 @@ def test_hub_ids_are_replaced_in_string_literals_only():
     text = 'f("gpt2", x="gpt2x")  # or "gpt2"\n'
     assert substitute_hub_ids(text, lambda hub_id: pathlib.Path("/local") / hub_id) == \
         "f('/local/gpt2', x=\"gpt2x\")  # or \"gpt2\"\n"
+
+
+def test_an_unknown_hub_id_fails_at_once_naming_itself(workdir, hub_dirs):
+    block = Block("X.md", 1, "python",
+                  'import alignax.models\nalignax.models.from_pretrained("someone/model-x")\n')
+    with pytest.raises(OSError, match="someone/model-x"):
+        run_python(block, hub_dirs)
