@@ -192,7 +192,7 @@ def substitute_hub_ids(text: str, hub_dirs) -> str:
             value = ast.literal_eval(token.string)
             if value in HUB_IDS:
                 spans.append((token.start, token.end, repr(str(hub_dirs(value)))))
-    for (row, col), (end_row, end_col), literal in reversed(spans):  # single-line literals
+    for (row, col), (_, end_col), literal in reversed(spans):  # single-line literals
         line = lines[row - 1]
         lines[row - 1] = line[:col] + literal + line[end_col:]
     return "".join(lines)
@@ -267,7 +267,7 @@ def commands(line: str) -> list[list[str]]:
     """`a && b` -> [[a's words], [b's words]], comments dropped."""
     lexer = shlex.shlex(line, posix=True, punctuation_chars="&;|")
     lexer.whitespace_split, lexer.commenters = True, "#"
-    result, current = [[]], None
+    result = [[]]
     for token in lexer:
         if token == "&&":
             result.append([])
