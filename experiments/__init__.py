@@ -21,5 +21,7 @@ and a JSON summary.
 
 EXPERIMENTS: tuple[str, ...] = (
     "fdpo_sentiment",
+    "multisample_numbers",
+    "multisample_label_noise",
 )
 """Module names under `experiments`, each following the contract above."""
