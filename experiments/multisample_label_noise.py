@@ -194,7 +194,8 @@ def generators(config: Config, tokenizer) -> dict:
     run_dir = pathlib.Path(config.run_dir) / "generators"
     sft = generator_records(config)
     common = dict(batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,
-                  seed=config.generator_seed, mesh=config.mesh, progress=config.progress)
+                  seed=config.generator_seed, mesh=config.mesh, progress=config.progress,
+                  save_every=250)
     weak = train_run(run_dir / "weak", SFT(), sft, train=train_config(steps=config.weak_steps,
                                                                          **common),
                      data=data_config(), model_config=model_config, tokenizer=tokenizer).model

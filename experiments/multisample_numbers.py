@@ -129,10 +129,10 @@ class Config:
     train_steps: int = 150
     batch_size: int = 16
     learning_rate: float = 3e-4
-    # what keeps unbiased mIPO bounded: long training on a few fixed groups
+    # what keeps unbiased mIPO bounded: long training on a few fixed groups (first seeds)
+    bounded_seeds: int = 1  # how many of the seeds run it (0: none)
     bounded_groups: int = 32
-    bounded_steps: int = 400
-    bounded_segments: int = 4
+    bounded_eval_steps: tuple[int, ...] = (20, 50, 100, 200)  # evaluations; the last ends it
     heldout_groups: int = 128
     # evaluation
     test_prompts: int = 64  # per test set and seed
@@ -149,9 +149,9 @@ class Config:
             raise ValueError(f"nll_weights must be >= 0, got {self.nll_weights}")
         if not 0 <= self.low < self.high:
             raise ValueError(f"need 0 <= low < high, got {self.low}, {self.high}")
-        if self.bounded_steps and self.bounded_steps % self.bounded_segments:
-            raise ValueError(f"bounded_steps={self.bounded_steps} must be a multiple of "
-                             f"bounded_segments={self.bounded_segments}")
+        steps = self.bounded_eval_steps
+        if not steps or steps[0] < 1 or list(steps) != sorted(set(steps)):
+            raise ValueError(f"bounded_eval_steps must be increasing steps >= 1, got {steps}")
         if self.samples_per_prompt < 2 or self.test_prompts < 2:
             raise ValueError("test_prompts and samples_per_prompt must be >= 2")
         if self.lora_rank is not None:
@@ -164,7 +164,7 @@ class Config:
 SMOKE = Config(run_dir="runs/multisample_numbers_smoke", seeds=(0,), sft_steps=4,
                sft_records=64, sft_batch_size=8, num_groups=16, ks=(2,), nll_weights=(1.0,),
                nll_control=False, train_steps=2, batch_size=8, bounded_groups=8,
-               bounded_steps=2, bounded_segments=1, heldout_groups=8, test_prompts=4,
+               bounded_eval_steps=(2,), heldout_groups=8, test_prompts=4,
                samples_per_prompt=4, figure_samples=16, sample_batch_size=64, mesh=(1, 1, 1))
 """Smoke size: every phase runs end to end in seconds (the test suite's run)."""
 
@@ -295,7 +295,8 @@ def reference_policy(config: Config, tokenizer) -> tuple[object, dict]:
     train = train_config(steps=config.sft_steps, batch_size=config.sft_batch_size,
                          learning_rate=config.sft_learning_rate, seed=config.reference_seed,
                          mesh=config.mesh, progress=config.progress, lr_schedule="cosine",
-                         warmup_steps=min(20, config.sft_steps))
+                         warmup_steps=min(20, config.sft_steps),
+                         save_every=min(250, config.sft_steps))
     from alignax.objectives import SFT
 
     result = train_run(pathlib.Path(config.run_dir) / "reference", SFT(),
@@ -345,34 +346,41 @@ def heldout_losses(config: Config, model, reference, heldout) -> dict[str, float
 
 
 def bounded_run(config: Config, seed: int, method: Method, data: dict, start: dict, reference,
-                tokenizer, heldout) -> list[dict]:
-    """One boundedness run in `bounded_segments` resumable segments; after each: held-out
-    mIPO losses, the segment's mean training mIPO loss, uniformity on the train-like test
-    prompts. Returns one record per segment end (cached)."""
+                tokenizer, heldout, initial: dict) -> list[dict]:
+    """One boundedness run, resumed from one evaluation step to the next
+    (`bounded_eval_steps`); at each: held-out mIPO losses, the mean training mIPO loss since
+    the last evaluation, and uniformity on the train-like test prompts. Returns one record
+    per evaluation, after `initial` (the reference's record at step 0); cached."""
     run_dir = pathlib.Path(config.run_dir) / f"seed_{seed}" / "bounded" / method.key
-    segment = config.bounded_steps // config.bounded_segments
     train_records = method_records(data["bounded"], method)
     test = data["test"]["train_like"]
-    out = []
-    for end in range(segment, config.bounded_steps + 1, segment):
-        def compute(end=end):
+    out, previous = [initial], 0
+    for end in config.bounded_eval_steps:
+        def compute(end=end, previous=previous):
             result = train_run(run_dir, method.objective(beta=config.beta, tau=config.tau),
                                train_records, train=preference_train_config(config, seed, end),
                                data=data_config(), **start)
             rows = [r for r in read_metrics(run_dir / "metrics.jsonl")
-                    if end - segment < r["step"] <= end]
+                    if previous < r["step"] <= end]
             # the training mIPO loss alone: the step loss minus the NLL term it holds
             mipo = [r["loss"] - method.nll_weight * r.get("nll", 0.0) for r in rows]
-            answers = sample_answers(config, result.model, tokenizer, test,
-                                     num_samples=config.samples_per_prompt,
-                                     key=seed_key(seed, 1))
-            uniform = numbers.uniformity(answers, test)
             return {"step": end, "train_mipo": float(np.mean(mipo)),
-                    **heldout_losses(config, result.model, reference, heldout),
-                    **{name: float(np.mean(v)) for name, v in uniform.items()}}
+                    **bounded_evaluation(config, result.model, reference, tokenizer, heldout,
+                                         test, seed)}
 
-        out.append(cached(run_dir / f"segment_{end}.json", compute))
+        out.append(cached(run_dir / f"evaluation_{end}.json", compute))
+        previous = end
     return out
+
+
+def bounded_evaluation(config: Config, model, reference, tokenizer, heldout, test,
+                       seed: int) -> dict:
+    """Held-out mIPO losses and mean uniformity on the test ranges of one policy."""
+    answers = sample_answers(config, model, tokenizer, test,
+                             num_samples=config.samples_per_prompt, key=seed_key(seed, 1))
+    uniform = numbers.uniformity(answers, test)
+    return {**heldout_losses(config, model, reference, heldout),
+            **{name: float(np.mean(v)) for name, v in uniform.items()}}
 
 
 def run_seed(config: Config, seed: int, reference, start: dict, tokenizer) -> dict:
@@ -387,14 +395,18 @@ def run_seed(config: Config, seed: int, reference, start: dict, tokenizer) -> di
         answers[method.key] = train_and_evaluate(config, seed, method, data, start, reference,
                                                  tokenizer)
     bounded = {}
-    if config.bounded_steps:
+    if seed in config.seeds[:config.bounded_seeds]:
         k = max(config.ks)
         heldout = prepare_dataset(method_records(data["heldout"], Method("mipo", k)), tokenizer,
                                   max_length=MAX_LENGTH, max_prompt_length=PROMPT_LENGTH)
+        initial = cached(seed_dir / "bounded" / "reference_evaluation.json", lambda: {
+            "step": 0, "train_mipo": None,
+            **bounded_evaluation(config, reference, reference, tokenizer, heldout,
+                                 data["test"]["train_like"], seed)})
         for method in bounded_methods(config):
             log.info("seed %d: boundedness run %s", seed, method.label)
             bounded[method.key] = bounded_run(config, seed, method, data, start, reference,
-                                              tokenizer, heldout)
+                                              tokenizer, heldout, initial)
     return {"data": data, "answers": answers, "bounded": bounded}
 
 
@@ -466,34 +478,43 @@ def control_table(config: Config, scores: dict) -> str | None:
                                  digits=2) if rows else None
 
 
-def bounded_summary(config: Config, results: dict) -> tuple[str, dict]:
-    """The boundedness table: per run, means over seeds of the training mIPO loss at the
-    first, middle and last segment, the final held-out losses and uniformity, and the same
-    at the segment with the lowest held-out plain-mIPO loss (early stopping)."""
+def bounded_summary(config: Config, results: dict) -> tuple[str | None, dict]:
+    """The boundedness table: per run, the means over the seeds that ran it of the training
+    mIPO loss, the held-out plain mIPO loss, the entropy and the out-of-range share at each
+    evaluation (step 0: the reference), and early stopping: the evaluation with the lowest
+    held-out plain-mIPO loss, per seed."""
+    seeds = [s for s in config.seeds if results[s]["bounded"]]
+    if not seeds:
+        return None, {}
     rows, summary = {}, {}
     for method in bounded_methods(config):
-        records_ = [results[s]["bounded"][method.key] for s in config.seeds]
-        steps = [r["step"] for r in records_[0]]
-        mean = {name: np.mean([[r[name] for r in rec] for rec in records_], axis=0)
-                for name in records_[0][0] if name != "step"}  # name -> [segments]
-        best = [int(np.argmin([r["heldout_plain_mipo"] for r in rec])) for rec in records_]
-        stopped = {name: float(np.mean([rec[b][name] for rec, b in zip(records_, best)]))
-                   for name in mean}
-        middle = len(steps) // 2
-        summary[method.key] = {"steps": steps, "mean": {k: v.tolist() for k, v in mean.items()},
+        runs = [results[s]["bounded"][method.key] for s in seeds]  # [seeds][evaluations]
+        steps = [r["step"] for r in runs[0]]
+        mean = {name: [None if runs[0][i][name] is None
+                       else float(np.mean([run[i][name] for run in runs]))
+                       for i in range(len(steps))]
+                for name in runs[0][0] if name != "step"}
+        best = [int(np.argmin([r["heldout_plain_mipo"] for r in run])) for run in runs]
+        stopped = {name: float(np.mean([run[b][name] for run, b in zip(runs, best)]))
+                   for name in ("entropy", "out_of_range", "tv_to_uniform")}
+        summary[method.key] = {"steps": steps, "mean": mean,
                                "early_stop_steps": [steps[b] for b in best],
                                "early_stopped": stopped}
+
+        def trajectory(name, digits=3):
+            return " / ".join("-" if v is None else f"{v:.{digits}g}" for v in mean[name])
+
         rows[method.label] = {
-            f"train mIPO loss at steps {steps[0]} / {steps[middle]} / {steps[-1]}":
-                " / ".join(f"{mean['train_mipo'][i]:.3g}" for i in (0, middle, -1)),
-            "held-out plain mIPO (final)": float(mean["heldout_plain_mipo"][-1]),
-            "held-out unbiased mIPO (final)": float(mean["heldout_unbiased_mipo"][-1]),
-            "entropy / out of range (final)": (f"{mean['entropy'][-1]:.3f} / "
-                                               f"{mean['out_of_range'][-1]:.3f}"),
-            "early stop: steps": ", ".join(str(steps[b]) for b in best),
+            "training mIPO loss": trajectory("train_mipo"),
+            "held-out plain mIPO": trajectory("heldout_plain_mipo"),
+            "entropy": trajectory("entropy"),
+            "out of range": trajectory("out_of_range", 2),
+            "early stop: step": ", ".join(str(steps[b]) for b in best),
             "early stop: entropy / out of range": (f"{stopped['entropy']:.3f} / "
                                                    f"{stopped['out_of_range']:.3f}")}
-    return markdown_table(rows, row_header="run (few fixed groups)"), summary
+    steps_text = ", ".join(map(str, summary[bounded_methods(config)[0].key]["steps"]))
+    return (f"Values at steps {steps_text} (step 0: the reference); means over seeds "
+            f"{seeds}.\n\n" + markdown_table(rows, row_header="run (few fixed groups)")), summary
 
 
 def findings(config: Config, estimates: dict, scores: dict, bounded: dict) -> list[str]:
@@ -518,12 +539,18 @@ def findings(config: Config, estimates: dict, scores: dict, bounded: dict) -> li
                    f"{np.mean(scores['reference'][test]['entropy']):.3f} nats, out of range "
                    f"{np.mean(scores['reference'][test]['out_of_range']):.3f}.")
     for key, b in bounded.items():
-        train = b["mean"]["train_mipo"]
+        train = [v for v in b["mean"]["train_mipo"] if v is not None]
         trend = "falls below 0" if min(train) < 0 else "stays >= 0"
-        out.append(f"- Boundedness, {key}: the training mIPO loss {trend} (mean over seeds "
-                   f"{train[0]:.3g} -> {min(train):.3g} at its lowest, {train[-1]:.3g} at the "
-                   f"end); final entropy {b['mean']['entropy'][-1]:.3f}, at the early stop "
-                   f"{b['early_stopped']['entropy']:.3f}.")
+        heldout = b["mean"]["heldout_plain_mipo"]
+        out.append(f"- Boundedness, {key}: the training mIPO loss {trend} ({train[0]:.3g} at "
+                   f"step {b['steps'][1]}, {train[-1]:.3g} at step {b['steps'][-1]}); the "
+                   f"held-out plain mIPO goes {heldout[0]:.3g} -> {heldout[-1]:.3g}; entropy "
+                   f"{b['mean']['entropy'][0]:.3f} (reference) -> "
+                   f"{b['mean']['entropy'][-1]:.3f}, out of range "
+                   f"{b['mean']['out_of_range'][0]:.3f} -> {b['mean']['out_of_range'][-1]:.3f}; "
+                   f"early stopping (steps {b['early_stop_steps']}) keeps entropy "
+                   f"{b['early_stopped']['entropy']:.3f}, out of range "
+                   f"{b['early_stopped']['out_of_range']:.3f}.")
     return out
 
 
@@ -557,16 +584,17 @@ def bounded_figure(summary: dict, path: pathlib.Path) -> None:
     """Training and held-out mIPO losses and entropy along the boundedness runs."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for key, b in summary.items():
-        line, = axes[0].plot(b["steps"], b["mean"]["train_mipo"], "o-", label=key)
+        line, = axes[0].plot(b["steps"][1:], b["mean"]["train_mipo"][1:], "o-", label=key)
         axes[1].plot(b["steps"], b["mean"]["heldout_plain_mipo"], "o-", color=line.get_color())
         axes[1].plot(b["steps"], b["mean"]["heldout_unbiased_mipo"], "s:",
                      color=line.get_color())
         axes[2].plot(b["steps"], b["mean"]["entropy"], "o-", color=line.get_color())
-    axes[0].set(xlabel="step", ylabel="training mIPO loss", yscale="symlog",
-                title="training loss (symlog)")
+    axes[0].set(xlabel="step", ylabel="training mIPO loss (mean since the last point)",
+                yscale="symlog", title="training loss (symlog)")
     axes[1].set(xlabel="step", ylabel="held-out mIPO (o plain, s unbiased)", yscale="symlog",
                 title="held-out losses")
-    axes[2].set(xlabel="step", ylabel="entropy (train-like prompts)", title="uniformity")
+    axes[2].set(xlabel="step (0: the reference)", ylabel="entropy (train-like prompts)",
+                title="uniformity")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -579,8 +607,7 @@ def write_report(config: Config, results: dict) -> str:
     scores = stack(results, config)
     entropy_table, estimates = win_table(config, scores, "entropy")
     tv_table, _ = win_table(config, scores, "tv_to_uniform")
-    bounded_md, bounded = (bounded_summary(config, results) if config.bounded_steps
-                           else (None, {}))
+    bounded_md, bounded = bounded_summary(config, results)
     control = control_table(config, scores)
     lines = [
         "# Multi-sample DPO / IPO on the random-number task (thesis §3.6.1, Table 3.1)", "",
@@ -600,7 +627,7 @@ def write_report(config: Config, results: dict) -> str:
         lines += ["## What the preference term adds to the NLL term", "", control, ""]
     if bounded_md:
         lines += ["## What keeps unbiased mIPO bounded (long training on "
-                  f"{config.bounded_groups} fixed groups per seed)", "", bounded_md, ""]
+                  f"{config.bounded_groups} fixed groups)", "", bounded_md, ""]
     lines += ["## Findings (generated from the numbers above)", "",
               *findings(config, estimates, scores, bounded), ""]
     text = "\n".join(lines)

@@ -124,7 +124,7 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     config = dataclasses.replace(multisample_numbers.SMOKE, run_dir=str(run_dir),
                                  results_dir=str(tmp_path / "results"))
     table = multisample_numbers.run(config)
-    assert table.count("\n") == 2 + 1 + 2  # header, rule, the thesis' row, 2 test sets x 1 k
+    assert len(table.splitlines()) == 2 + 1 + 2  # header, rule, the thesis' row, 2 test sets x 1 k
     assert "| thesis (Llama-3-8B, entropy) | 0.95 | 0.99 |" in table
     summary = (run_dir / "summary.md").read_text()
     for part in ("Table 3.1 layout", "total-variation", "What keeps unbiased mIPO bounded",

@@ -77,14 +77,14 @@ def check_study_config(config: Any, *, resumable: Sequence[str]) -> pathlib.Path
 
 
 def train_config(*, steps: int, batch_size: int, learning_rate: float, seed: int, mesh,
-                 progress: bool, eval_every: int = 0, lr_schedule: str = "constant",
+                 progress: bool, save_every: int | None = None, lr_schedule: str = "constant",
                  warmup_steps: int = 0) -> TrainConfig:
     """The TrainConfig of a study run: no export (the studies use the returned model), a
-    checkpoint at the end and every `eval_every` steps (or every 100)."""
+    checkpoint every `save_every` steps (default: only at the end; the preference runs take
+    seconds, and a run killed before its end starts again)."""
     return TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                        lr_schedule=lr_schedule, warmup_steps=warmup_steps, seed=seed,
-                       mesh=tuple(mesh), eval_every=eval_every,
-                       save_every=eval_every or min(100, steps), export=False,
+                       mesh=tuple(mesh), save_every=save_every or steps, export=False,
                        progress=progress)
 
 
