@@ -95,29 +95,43 @@ def parse_config(cls: type[Config], argv: Sequence[str] | None = None, *,
 def load(command: str, argv: Sequence[str]) -> tuple[Any, argparse.Namespace]:
     """(the command's config, the command's own options), everything validated: the config
     file, the overrides and, for train / eval, the mesh against the visible devices."""
+    argv = list(argv)
+    config_file = argv.pop(0) if argv and not argv[0].startswith("-") else None
     outer = argparse.ArgumentParser(prog=f"alignax {command}", add_help=False)
-    outer.add_argument("config", nargs="?", default=None)
     if command == "plan":
         outer.add_argument("--devices", type=int, default=None)
         outer.add_argument("--json", action="store_true")
-    options, rest = outer.parse_known_args(list(argv))
-    if options.config is not None and options.config.startswith("-"):
-        rest, options.config = [options.config, *rest], None
+    options, rest = outer.parse_known_args(argv)
+    options.config = config_file
     cls = LabelConfig if command == "label" else RunConfig
     default = None if options.config is None else load_config_file(options.config, expected=cls)
     config = parse_config(cls, rest, default=default, prog=f"alignax {command}")
     return config, options
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Runs `alignax COMMAND ...` (module docstring); returns the command's result (a
-    TrainResult, the evaluation dict, the labelled file's path, or the plan dict)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse(argv: Sequence[str]) -> tuple[str, Any, argparse.Namespace, list[str]]:
+    """(command, its validated config, its own options, the arguments after the command).
+
+    Raises:
+      SystemExit: no or an unknown command, an unknown field or an unparsable value.
+      ValueError / TypeError: the config fails validation (including, for train and eval, a
+        mesh the visible devices cannot hold), before any model or data loads.
+    """
     if not argv or argv[0] not in COMMANDS:
         print(__doc__.split("\n\n")[0], file=sys.stderr)
         raise SystemExit(2)
-    command, args = argv[0], argv[1:]
+    command, args = argv[0], list(argv[1:])
     config, options = load(command, args)
+    if command in ("train", "eval"):
+        import jax
+
+        check_devices(config, jax.device_count())
+    return command, config, options, args
+
+
+def run(command: str, config: Any, options: argparse.Namespace, args: Sequence[str]) -> Any:
+    """Runs a parsed command; returns its result (a TrainResult, the evaluation dict, the
+    labelled file's path, or the plan dict)."""
     if command == "label":
         from alignax.trainer.label import label
 
@@ -137,9 +151,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
             result = plan(config)
         print(json.dumps(result) if options.json else format_plan(result))
         return result
-    import jax
-
-    check_devices(config, jax.device_count())  # before any model or data loads
     if command == "train":
         from alignax.trainer.train import train
 
@@ -157,13 +168,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
     return result
 
 
+def main(argv: Sequence[str] | None = None) -> Any:
+    """`alignax COMMAND ...` (module docstring): `parse` then `run`; errors propagate."""
+    return run(*parse(list(sys.argv[1:] if argv is None else argv)))
+
+
 def console() -> None:
-    """The `alignax` console script: `main` with a config error printed as one line."""
+    """The `alignax` console script: `main`, with a config that fails validation reported
+    in one line (exit status 2) instead of a traceback."""
     try:
-        main()
+        parsed = parse(sys.argv[1:])
     except (ValueError, TypeError) as error:
         print(f"alignax: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    run(*parsed)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from alignax.data.tokenize import TRUNCATIONS
 from alignax.objectives import (DPO, OBJECTIVES, Objective, objective_from_config,
                                 objective_to_config)
 from alignax.training.state import SCHEDULES as LR_SCHEDULES
-from alignax.training.step import REMAT_POLICIES
+from alignax.models.remat import REMAT_POLICIES
 
 TINY = "tiny"
 """`ModelConfig.path` of the embedded tiny model (`alignax.models.tiny_config`), initialised
@@ -217,7 +217,8 @@ class TrainConfig:
       eval_batches: batches per evaluation (None: the whole held-out split).
       early_stopping_metric: an evaluation metric ("loss", "accuracy", "ece", ...) to stop on,
         or None; early_stopping_mode: "min" or "max"; early_stopping_patience: evaluations
-        without an improvement of more than early_stopping_min_delta before stopping.
+        without an improvement of more than early_stopping_min_delta before stopping; the
+        run then ends with (and exports) the state of that evaluation, not the best one.
       export: write the final model with its tokenizer as HF safetensors to run_dir/export.
       progress: show a progress bar; tensorboard: write TensorBoard events; wandb: a Weights &
         Biases project to log to (needs `pip install wandb`; never a dependency).
@@ -339,9 +340,10 @@ class EvalConfig:
 def objective_choices():
     """The registered objective configs as one union, each a command-line choice under its
     registered name (`objective:dpo`, `objective:mipo`, ...), read when the parser is built
-    (objectives registered by a config file are included)."""
-    return Union[tuple(Annotated[cls, tyro.conf.subcommand(name)]
-                       for name, cls in OBJECTIVES.items())]
+    (objectives registered by a config file are included). Subclasses come before their base
+    classes (DPO before FDPO), so a configured DPO() is not taken for an FDPO."""
+    ordered = sorted(OBJECTIVES.items(), key=lambda item: -len(item[1].__mro__))
+    return Union[tuple(Annotated[cls, tyro.conf.subcommand(name)] for name, cls in ordered)]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -231,8 +231,7 @@ def generation_metrics(run: Run, params: Any, reference_params: Any) -> dict[str
 
 def write_report(directory: pathlib.Path, *, step: int, preference: dict[str, float] | None,
                  generation: dict[str, ev.Estimate] | None) -> tuple[pathlib.Path, pathlib.Path]:
-    """report.json and report.md in `directory`; returns their paths."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """report.json and report.md in `directory` (written by process 0); returns their paths."""
     record: dict[str, Any] = {"step": step}
     lines = [f"# Evaluation at step {step}", ""]
     if preference is not None:
@@ -244,8 +243,10 @@ def write_report(directory: pathlib.Path, *, step: int, preference: dict[str, fl
         lines += ["## Generation metrics (mean [95% bootstrap interval over prompts])", "",
                   ev.markdown_table({"policy": generation}), ""]
     json_path, md_path = directory / "report.json", directory / "report.md"
-    json_path.write_text(json.dumps(record, indent=1))
-    md_path.write_text("\n".join(lines))
+    if jax.process_index() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(record, indent=1))
+        md_path.write_text("\n".join(lines))
     return json_path, md_path
 
 

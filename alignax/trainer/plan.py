@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alignax.data import TokenizedExample
 from alignax.models import RewardEnsemble, RewardModel
 from alignax.models.partitioning import state_shardings as model_shardings
 from alignax.models.registry import FAMILY_CLASSES

@@ -4,7 +4,8 @@
 
 1. the mesh against the devices (`config.check_devices`);
 2. the run directory: a config.json written by an earlier run must match this config outside
-   `config.RESUMABLE` (`ConfigMismatchError` naming the fields), then this config is saved;
+   `config.RESUMABLE` (`ConfigMismatchError` naming the fields); this config is saved there
+   once steps 3-7 have passed;
 3. the tokenizer, and the model's vocabulary and kind read from its config.json alone;
 4. the raw records (train and held-out) and their format;
 5. `check_tokenizer`: token ids vs the model's vocabulary, the pad token, a chat template for
@@ -111,9 +112,9 @@ def _records_fingerprint(records: Sequence[Any]) -> dict:
     return {"records": len(records), "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def prepare_run_dir(config: RunConfig, sources: dict) -> tuple[pathlib.Path, dict]:
-    """Checks run_dir/config.json against `config` (with `sources`, the fingerprints of what
-    was passed in memory), then writes it; returns (run_dir, the saved dict).
+def check_run_dir(config: RunConfig, sources: dict) -> tuple[pathlib.Path, dict]:
+    """(run_dir, the config dict to save): checks run_dir/config.json, if an earlier run wrote
+    one, against `config` and `sources` (the fingerprints of what was passed in memory).
 
     Raises:
       ConfigMismatchError: the run directory holds a run of another config; the message names
@@ -130,12 +131,18 @@ def prepare_run_dir(config: RunConfig, sources: dict) -> tuple[pathlib.Path, dic
                 f"{run_dir} holds a run with another config; resuming it with this one would "
                 f"mix two runs. Differences: {'; '.join(diffs)}. Use another run_dir, or undo "
                 "the change (fields that may change on resume: alignax.trainer.config.RESUMABLE)")
-    if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(CONFIG_FILE + ".tmp")
-        temporary.write_text(json.dumps(saved, indent=1, sort_keys=True))
-        os.replace(temporary, path)
     return run_dir, saved
+
+
+def write_run_config(run_dir: pathlib.Path, saved: dict) -> None:
+    """Writes run_dir/config.json atomically (process 0), once the run has passed its checks."""
+    if jax.process_index() != 0:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG_FILE
+    temporary = path.with_name(CONFIG_FILE + ".tmp")
+    temporary.write_text(json.dumps(saved, indent=1, sort_keys=True))
+    os.replace(temporary, path)
 
 
 # ------------------------------------------------------------------ tokenizer and model kind
@@ -384,9 +391,10 @@ def build_run(config: RunConfig, *, model: Any = None, params: Any = None, token
     for name, records in (("data", data), ("eval_data", eval_data)):
         if records is not None:
             sources[name] = _records_fingerprint(_as_records(records, name))
-    run_dir, saved = prepare_run_dir(config, sources)
+    run_dir, saved = check_run_dir(config, sources)
     inputs = prepare_inputs(config, model=model, tokenizer=tokenizer, data=data,
                             eval_data=eval_data)
+    write_run_config(run_dir, saved)  # after the guard rails: a refused start leaves none
 
     # the weights, last
     if model is None:

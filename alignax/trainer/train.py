@@ -214,7 +214,9 @@ def train(config: RunConfig, *, model: Any = None, params: Any = None, tokenizer
         last.clear()
         last.update(metrics)
         bar.update(1)
-        own = [k for k in metrics if k not in _GENERIC and not k.startswith(("logps/", "scores/"))]
+        own = sorted((k for k in metrics if k not in _GENERIC
+                      and not k.startswith(("logps/", "scores/"))),
+                     key=lambda k: ("accurac" not in k, "margin" not in k))  # these first
         shown = {"loss": f"{metrics['loss']:.4f}",
                  **{k.split("/")[-1]: f"{metrics[k]:.3g}" for k in own[:_BAR_METRICS]}}
         bar.set_postfix(shown)
