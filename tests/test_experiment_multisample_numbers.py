@@ -159,3 +159,19 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     # a restart with another config is refused, naming the field
     with pytest.raises(ValueError, match="beta"):
         multisample_numbers.run(dataclasses.replace(config, beta=0.5))
+
+
+def test_build_md_paper_commands_are_the_paper_configs():
+    """BUILD.md's paper-scale commands parse to the two studies' PAPER configs."""
+    import pathlib
+    import re
+    import shlex
+
+    from experiments import multisample_label_noise
+
+    text = (pathlib.Path(__file__).parents[1] / "BUILD.md").read_text().replace("\\\n", " ")
+    for module in (multisample_numbers, multisample_label_noise):
+        name = module.__name__
+        line = re.search(rf"^python -m {re.escape(name)} (.*)$", text, re.M)
+        assert line is not None, f"BUILD.md has no command for {name}"
+        assert parse_config(module.Config, shlex.split(line.group(1))) == module.PAPER
