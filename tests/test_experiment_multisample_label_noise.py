@@ -82,7 +82,8 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     # clean and noisy k = 2 vs k = 1, noisy vs clean at k = 1 and 2
     assert len(table.splitlines()) == 2 + 4  # header, rule, 4 comparisons
     summary = (run_dir / "summary.md").read_text()
-    for part in ("Figure 3.11's comparisons", "Remark 1", "Oracle reward per policy", "Findings"):
+    for part in ("Figure 3.11's comparisons", "Remark 1", "Oracle reward per policy",
+                 "The thesis' claims", "Findings"):
         assert part in summary
     assert (tmp_path / "results" / "figure_3_11.png").stat().st_size > 500
     saved = json.loads((run_dir / "summary.json").read_text())
@@ -95,7 +96,14 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
                                  .read_text())
             assert np.asarray(answers["test"]).shape == (config.test_prompts,
                                                          config.samples_per_prompt)
-    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.json")
-              if p.name != "study_config.json" and "summary" not in p.name}
+    # a restart reuses every finished run and cached sample: no training step is logged again
+    # (metrics.jsonl) and no cached group or answer is rewritten (the trainer rewrites its
+    # config.json when it restores a finished run, the study its own config and summary)
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
+              if p.name == "metrics.jsonl" or (p.suffix == ".json" and "summary" not in p.name
+                                               and p.name not in ("study_config.json",
+                                                                  "config.json"))}
+    training_logs = [p for p in stamps if p.name == "metrics.jsonl" and p.parent.name != "eval"]
+    assert len(training_logs) == 2 + len(multisample_label_noise.LABELS) * len(config.ks)
     assert multisample_label_noise.run(config) == table
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
