@@ -142,8 +142,12 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
                                                      config.samples_per_prompt)
         assert len(answers["figure"]) == config.figure_samples
         assert (seed_dir / key / "metrics.jsonl").exists()
-    bounded = sorted(p.name for p in (seed_dir / "bounded").iterdir())
+    bounded = sorted(p.name for p in (seed_dir / "bounded").iterdir() if p.is_dir())
     assert bounded == sorted(m.key for m in multisample_numbers.bounded_methods(config))
+    assert (seed_dir / "bounded" / "reference_evaluation.json").exists()  # step 0
+    for key in bounded:
+        assert sorted(p.name for p in (seed_dir / "bounded" / key).glob("evaluation_*")) == [
+            f"evaluation_{step}.json" for step in config.bounded_eval_steps]
     # a restart reuses every finished run and cached result: nothing is retrained or resampled
     stamps = {p: p.stat().st_mtime_ns for p in seed_dir.rglob("*.json")}
     again = multisample_numbers.run(config)
