@@ -28,8 +28,8 @@ the block's working directory (from the repository root), and each command must 
   pyproject.toml; every other requirement names a declared dependency and, with extras,
   extras its installed distribution provides (`jax[cuda12]`);
 - `python -m pytest ARGS`: every path argument exists (`::` node ids allowed);
-- `python -m experiments.X ARGS`: the module exists and ARGS parse with
-  `alignax.trainer.cli.parse_config(X.Config, ARGS)` (validated, nothing runs);
+- `python -m experiments.X ARGS`: the module (or a package with a `__main__`) exists and ARGS
+  parse with `alignax.trainer.cli.parse_config(X.Config, ARGS)` (validated, nothing runs);
 - `alignax CMD ARGS`: `alignax.trainer.cli.parse` accepts them (config file validated, nothing
   runs), in a temporary directory holding `hh.jsonl` and every python block of the same file
   whose first line is a `# NAME.py: ...` comment, written as NAME.py (hub ids replaced);
@@ -361,8 +361,10 @@ def check_module(module: str, args: list[str], cwd: pathlib.Path) -> None:
     elif module.startswith("experiments."):
         from alignax.trainer.cli import parse_config
 
-        path = ROOT / (module.replace(".", "/") + ".py")
-        assert path.is_file(), f"no module {module} ({path})"
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, f"no module {module}"
+        if spec.submodule_search_locations is not None:  # a package runs its __main__
+            assert importlib.util.find_spec(f"{module}.__main__"), f"{module} has no __main__"
         config_class = importlib.import_module(module).Config
         parse_config(config_class, args, prog=f"python -m {module}")
     else:
