@@ -89,6 +89,26 @@ def _exp_difference_jvp(primals, tangents):
     return exp_difference(h1, h2, c), tangent
 
 
+_PRODUCT_SAFE = 80.0  # e^+/-80 are normal float32 numbers with room for the product's rounding
+
+
+def scaled_exp(coef: jax.Array, log_coef: jax.Array, x: jax.Array) -> jax.Array:
+    """coef * e^x for coef >= 0 (given with its log), finite wherever the true value is.
+
+    Where e^x, coef and the product all lie within e^(+/-80) (normal float32 numbers) it is the
+    product (a few ulps); elsewhere (a factor over- or underflows while the product need not)
+    it is exp(x + log coef), whose relative error, about eps |x + log coef| from rounding the
+    sum, is that of e^x itself at a float32-rounded argument. log_coef = -inf (coef = 0) gives
+    exactly 0; coef may underflow to 0 while log_coef stays exact. Elementwise, broadcasting.
+    """
+    zero = log_coef == -jnp.inf
+    total = x + jnp.where(zero, 0.0, log_coef)
+    safe = ((jnp.abs(x) <= _PRODUCT_SAFE) & (jnp.abs(log_coef) <= _PRODUCT_SAFE)
+            & (jnp.abs(total) <= _PRODUCT_SAFE))
+    product = coef * jnp.exp(jnp.clip(x, -_PRODUCT_SAFE, _PRODUCT_SAFE))
+    return jnp.where(zero, 0.0, jnp.where(safe, product, jnp.exp(total)))
+
+
 def _softplus_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     """softplus(a) - softplus(b), without cancellation near a = b.
 

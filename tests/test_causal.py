@@ -147,23 +147,33 @@ def test_jit_vmap_over_batches_and_bandwidth():
                                    rtol=3e-5, atol=3e-6)
 
 
-def test_out_of_range_bins_under_jit_are_ignored():
+def test_bins_beyond_num_bins_give_nan_under_jit_and_negative_ids_are_left_out():
+    """One documented treatment of ids outside [0, num_bins): a negative id (the -1 of
+    alignax.data.bins for unmatched samples) equals where=False, eagerly and under jit; an id
+    >= num_bins raises eagerly (test_bad_input_raises) and makes the jitted result NaN instead
+    of silently dropping the sample."""
     rng = np.random.default_rng(6)
     x = rng.normal(size=N)
-    bad = BINS.copy()
-    bad[:3] = M + 2
-    np.testing.assert_allclose(_binned_u(x, bad, _ALL), _binned_u(x, BINS, np.arange(N) >= 3),
+    unmatched = BINS.copy()
+    unmatched[:3] = -1
+    sliced = _binned_u(x, BINS, np.arange(N) >= 3)
+    np.testing.assert_allclose(_binned_u(x, unmatched, _ALL), sliced, rtol=1e-6)
+    np.testing.assert_allclose(binned_mmd2(x, unmatched, num_bins=M, bandwidth=1.3), sliced,
                                rtol=1e-6)
+    beyond = BINS.copy()
+    beyond[:3] = M + 2
+    assert np.isnan(_binned_u(x, beyond, _ALL))
+    # ...unless the offending rows are masked out
+    np.testing.assert_allclose(_binned_u(x, beyond, np.arange(N) >= 3), sliced, rtol=1e-6)
 
 
 def test_bad_input_raises():
     x = np.zeros(N, np.float32)
     bad = BINS.copy()
     bad[7] = M
-    with pytest.raises(ValueError, match=r"bins out of range \[0, 6\): bins\[7\] = 6"):
+    with pytest.raises(ValueError, match=r"bins out of range: bins\[7\] = 6 >= num_bins = 6"):
         binned_mmd2(x, bad, num_bins=M, bandwidth=1.0)
-    with pytest.raises(ValueError, match=r"bins\[0\] = -1"):
-        binned_mmd2(x, np.full(N, -1, np.int32), num_bins=M, bandwidth=1.0)
+    assert float(binned_mmd2(x, np.full(N, -1, np.int32), num_bins=M, bandwidth=1.0)) == 0.0
     with pytest.raises(TypeError, match="integer"):
         binned_mmd2(x, BINS.astype(np.float32), num_bins=M, bandwidth=1.0)
     with pytest.raises(ValueError, match=r"features have 24 rows, bins \(23,\)"):

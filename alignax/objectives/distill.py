@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from alignax._checks import as_float32, check_positive, check_rank, check_same_shape
-from alignax.divergences import get_divergence
-from alignax.objectives.fdpo import fdpo_loss
+from alignax.divergences import get_divergence, scaled_exp
+from alignax.objectives.fdpo import _power_group_z, fdpo_loss
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -40,16 +40,95 @@ def _mask(where, shape: tuple[int, ...], name: str) -> jax.Array:
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
-    """Mean of x over `axis` where mask; 0 (with zero gradient) where mask is empty."""
-    count = jnp.sum(mask, axis=axis)
-    return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / jnp.maximum(count, 1)
+    """Mean of x over `axis` where mask; 0 (with zero gradient) where mask is empty. Each term
+    is divided by the count before summing, so the sum cannot overflow where the mean does not."""
+    count = jnp.sum(mask, axis=axis, keepdims=True)
+    return jnp.sum(jnp.where(mask, x / jnp.maximum(count, 1), 0.0), axis=axis)
 
 
-def _squared_residual(h_1, h_2, r_1, r_2, *, beta, divergence, alpha) -> jax.Array:
-    """(r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2, broadcasting r [..., B] against h [B]."""
+def _power_half_residual(h_1, h_2, r_1, r_2, beta, power):
+    """(r_1 - r_2)/2 - (beta/2) (f'(u_1) - f'(u_2)) for f' = -u^-c/c + const (c = power)."""
+    half_gap = _power_group_z(h_1[..., None], h_2[..., None], jnp.ones_like(h_1)[..., None],
+                              jnp.ones_like(h_2)[..., None], 0.5 * beta, power)  # (beta/2) gap
+    return (0.5 * r_1 - 0.5 * r_2) - half_gap
+
+
+@jax.custom_jvp
+def _power_squared_residual(h_1, h_2, r_1, r_2, beta, power, weight):
+    """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2 for forward KL / alpha (004 eq. 7).
+
+    Formed as (2 sqrt(weight) rho)^2 with rho the half residual, so neither r_1 - r_2 nor
+    beta (f'(u_1) - f'(u_2)) overflows where the loss does not. The derivative, -2 beta w rho'
+    e^(-c h_1) for h_1 (rho' = 2 rho the residual) and the opposite sign and e^(-c h_2) for
+    h_2, is one exp of a sum of logs: 0 where the residual is 0 (never 0 * inf), finite
+    wherever the true one is. No derivative flows into beta, power or weight.
+    """
+    rho = _power_half_residual(h_1, h_2, r_1, r_2, beta, power)
+    return jnp.square(rho * (2.0 * jnp.sqrt(weight)))
+
+
+@_power_squared_residual.defjvp
+def _power_squared_residual_jvp(primals, tangents):
+    h_1, h_2, r_1, r_2, beta, power, weight = primals
+    d_h1, d_h2, d_r1, d_r2 = tangents[:4]
+    rho = _power_half_residual(h_1, h_2, r_1, r_2, beta, power)
+    # d loss / d h_1 = 2 w residual (-beta e^(-c h_1)), residual = 2 rho; |.| = 4 w beta |rho| ...
+    log_coef = jnp.log(4.0 * jnp.abs(rho)) + jnp.log(beta) + jnp.log(weight)
+    coef = 4.0 * jnp.abs(rho) * beta * weight
+    slope_1 = -jnp.sign(rho) * scaled_exp(coef, log_coef, -power * h_1)
+    slope_2 = jnp.sign(rho) * scaled_exp(coef, log_coef, -power * h_2)
+    slope_r = rho * (4.0 * weight)  # d/dr_1 = 2 w residual; d/dr_2 is its negative
+    tangent = slope_1 * d_h1 + slope_2 * d_h2 + slope_r * (d_r1 - d_r2)
+    return jnp.square(rho * (2.0 * jnp.sqrt(weight))), tangent
+
+
+def _squared_residual(h_1, h_2, r_1, r_2, *, beta, divergence, alpha, weight=1.0) -> jax.Array:
+    """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2, broadcasting r [..., B] against h [B].
+
+    Formed from half-scale differences so that it is finite wherever the true value is (no
+    inf - inf between r_1 - r_2 and beta (f'(u_1) - f'(u_2)) at extreme finite inputs), with
+    gradients finite wherever the true ones are. `weight` (> 0) scales the value before
+    squaring, so that a batch mean of terms each beyond float32 can still be finite.
+    """
     div = get_divergence(divergence, alpha=alpha)
-    implicit_gap = div.f_prime_difference(h_1, h_2)  # f'(u_1) - f'(u_2) = h_1 - h_2 for reverse KL
-    return jnp.square(as_float32(r_1) - as_float32(r_2) - beta * implicit_gap)  # 004 eq. 7
+    h_1, h_2, r_1, r_2 = jnp.broadcast_arrays(*(as_float32(v) for v in (h_1, h_2, r_1, r_2)))
+    weight = jnp.broadcast_to(as_float32(weight), h_1.shape)
+    if div.power is not None:  # forward KL / alpha: see _power_squared_residual
+        beta, power, weight = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power),
+                                                     weight))
+        beta = jnp.broadcast_to(beta, h_1.shape)
+        return _power_squared_residual(h_1, h_2, r_1, r_2, beta, power, weight)
+    if div.name == "reverse_kl":  # f'(u_1) - f'(u_2) = h_1 - h_2
+        half_gap = 0.5 * h_1 - 0.5 * h_2
+    else:  # jsd: |f'(u_1) - f'(u_2)| <= float32 max
+        half_gap = 0.5 * div.f_prime_difference(h_1, h_2)
+    rho = (0.5 * r_1 - 0.5 * r_2) - beta * half_gap  # half the residual of 004 eq. 7
+    return jnp.square(rho * (2.0 * jnp.sqrt(weight)))
+
+
+@jax.custom_jvp
+def _sum_or_fallback(a: jax.Array, b: jax.Array, fallback: jax.Array) -> jax.Array:
+    """a + b, or `fallback` where a + b is inf - inf; the derivative is da + db always.
+
+    `fallback` is the same sum formed at a scale where the two terms cannot both overflow (the
+    caller builds it from stop-gradient inputs): a value-only repair, so a term beyond float32
+    next to a finite or opposite one never turns the loss into NaN.
+    """
+    total = a + b
+    return jnp.where(jnp.isnan(total), fallback, total)
+
+
+@_sum_or_fallback.defjvp
+def _sum_or_fallback_jvp(primals, tangents):
+    return _sum_or_fallback(*primals), tangents[0] + tangents[1]
+
+
+def _downscale(gamma) -> tuple[jax.Array, jax.Array]:
+    """(k, 2^-k) with 2^k >= 2 (gamma + 1): at that scale gamma * (a value <= float32 max) is
+    finite and a first term beyond float32 still leaves a sum beyond float32 (no gradient)."""
+    gamma = jax.lax.stop_gradient(as_float32(gamma))
+    k = (jnp.ceil(jnp.log2(gamma + 1.0)) + 1.0).astype(jnp.int32)
+    return k, jnp.ldexp(jnp.float32(1.0), -k)
 
 
 def distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: jax.Array,
@@ -174,9 +253,14 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
     h_1, h_2 = (jnp.where(mask, as_float32(v), 0.0) for v in (h_1, h_2))
     r_1, r_2 = (jnp.where(mask, as_float32(v), 0.0) for v in (target_rewards_1, target_rewards_2))
 
-    per_example = _squared_residual(h_1, h_2, r_1, r_2, beta=beta, divergence=divergence,
-                                    alpha=alpha)  # [E, B]
-    member_losses = _masked_mean(per_example, mask[None], axis=1)  # [E]
+    count = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+
+    def member_losses_at(scale, args):  # [E] batch means of the member losses, times scale
+        per_example = _squared_residual(*args, beta=beta, divergence=divergence, alpha=alpha,
+                                        weight=scale / count)  # [E, B], each / count already
+        return per_example, jnp.sum(jnp.where(mask[None], per_example, 0.0), axis=1)
+
+    per_example, member_losses = member_losses_at(1.0, (h_1, h_2, r_1, r_2))
     distill = jnp.min(member_losses)  # min over the confidence set, per mini-batch (fn. 2)
 
     if reference_h is None:
@@ -186,7 +270,12 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
     else:
         reference_mask = _mask(reference_where, jnp.shape(reference_h), "reference_where")
     forward_kl = forward_kl_estimate(reference_h, where=reference_mask)
-    loss = distill + gamma * forward_kl  # 004 eq. 11
+    # 004 eq. 11. Where distill is beyond float32 and gamma * forward_kl below -float32 max,
+    # the value comes from the same sum at scale 2^-k (see _sum_or_fallback).
+    k, scale = _downscale(gamma)
+    _, scaled = member_losses_at(scale, jax.lax.stop_gradient((h_1, h_2, r_1, r_2)))
+    fallback = jnp.ldexp(jnp.min(scaled) + jax.lax.stop_gradient(gamma * scale * forward_kl), k)
+    loss = _sum_or_fallback(distill, gamma * forward_kl, fallback)
 
     aux = {
         "member": jnp.argmin(member_losses).astype(jnp.int32),
@@ -240,13 +329,19 @@ def pessimistic_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: fl
     mask = _mask(where, jnp.shape(chosen_h), "where")
     chosen_h, rejected_h = (jnp.where(mask, as_float32(v), 0.0) for v in (chosen_h, rejected_h))
     if reference_h is None:
-        penalty = -0.5 * (chosen_h + rejected_h)  # completions as pi_ref samples, 004 §5
+        penalty = -(0.5 * chosen_h + 0.5 * rejected_h)  # completions as pi_ref samples, 004 §5
     else:
         batch = jnp.shape(chosen_h)[0]
         if jnp.ndim(reference_h) not in (1, 2) or jnp.shape(reference_h)[0] != batch:
             raise ValueError(f"reference_h must have shape [B] or [B, K] with B = "
                              f"{jnp.shape(chosen_h)[0]}, got {jnp.shape(reference_h)}")
         ref = as_float32(reference_h).reshape(jnp.shape(chosen_h)[0], -1)  # [B, K]
-        penalty = -jnp.mean(jnp.where(mask[:, None], ref, 0.0), axis=1)  # [B]
+        penalty = -_masked_mean(ref, jnp.broadcast_to(mask[:, None], ref.shape), axis=1)  # [B]
     dpo = fdpo_loss(chosen_h, rejected_h, beta=beta, divergence=divergence, alpha=alpha)
-    return jnp.where(mask, dpo + gamma * penalty, 0.0)  # 004 eq. 13
+    # 004 eq. 13. Where dpo is beyond float32 (then it is linear in beta: softplus(-z) = -z)
+    # and gamma * penalty below -float32 max, the value is the same sum at scale 2^-k.
+    k, scale = _downscale(gamma)
+    args = jax.lax.stop_gradient((chosen_h, rejected_h, beta, gamma * scale * penalty))
+    fallback = jnp.ldexp(fdpo_loss(*args[:2], beta=args[2] * scale, divergence=divergence,
+                                   alpha=alpha) + args[3], k)
+    return jnp.where(mask, _sum_or_fallback(dpo, gamma * penalty, fallback), 0.0)

@@ -10,31 +10,97 @@ import jax
 import jax.numpy as jnp
 
 from alignax._checks import as_float32, check_positive, check_same_shape
-from alignax.divergences import exp_difference, get_divergence
+from alignax.divergences import get_divergence, scaled_exp
+
+
+def _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power):
+    """z = scale (mean_k f'(u_w,k) - mean_l f'(u_l,l)) for f'(u) = -u^(-c)/c + const, c = power.
+
+    That is (scale/c) (S_l - S_w) with S = sum_k w_k e^(-c h_k) the weighted mean of u^-c of a
+    group (weights w [B, N] summing to 1 over its valid members, 0 on padding, whose h must
+    be finite). log S = -c h_min + r with r = log1p(sum_k w_k expm1(-c (h_k - h_min))): every
+    expm1 argument is <= 0, so r is accurate even where c (h_k - h_min) is tiny (alpha -> 0,
+    where forming e^(-c h) itself would round the group differences away). S_l - S_w is
+    e^m (e^(p-m) - e^(q-m)) with p - q formed from h differences (exactly 0 at a tie) and the
+    magnitude taken in log space where e^m overflows but z does not (`scaled_exp`).
+
+    Shapes: chosen_h [B, K], rejected_h [B, L] (and weights alike) -> [B]; scale [B] or scalar.
+    """
+    c = power
+
+    def log_sum(h, w):  # (h_min, r) with log S = -c h_min + r
+        h_min = jnp.min(jnp.where(w > 0, h, jnp.inf), axis=-1)
+        h_min = jnp.where(jnp.isfinite(h_min), h_min, 0.0)  # a group without weight: unused
+        delta = jnp.where(w > 0, h - h_min[..., None], 0.0)  # >= 0
+        return h_min, jnp.log1p(jnp.sum(w * jnp.expm1(-c * delta), axis=-1))
+
+    min_w, r_w = log_sum(chosen_h, chosen_weight)
+    min_l, r_l = log_sum(rejected_h, rejected_weight)
+    m = jnp.maximum(-c * min_l + r_l, -c * min_w + r_w)  # max(log S_l, log S_w)
+    d = -c * (min_l - min_w) + (r_l - r_w)  # log S_l - log S_w
+    bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))  # (S_l-S_w)/e^m
+    magnitude = jnp.abs(bracket)
+    log_coef = jnp.log(scale) - jnp.log(c) + jnp.log(magnitude)
+    return jnp.sign(bracket) * scaled_exp(scale / c * magnitude, log_coef, m)
+
+
+def _member_slopes(weight, scale, exponent):
+    """scale w_k e^(exponent_k) per member [B, N], finite wherever the true value is."""
+    return scaled_exp(scale * weight, jnp.log(scale) + jnp.log(weight), exponent)
 
 
 @jax.custom_jvp
-def _power_fdpo_loss(chosen_h, rejected_h, beta, power):
-    """softplus(-z), z = beta (f'(u_w) - f'(u_l)) = (beta/c)(e^(-c h_l) - e^(-c h_w)), c = power.
+def power_group_loss(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power):
+    """softplus(-z) = -log sigmoid(z), z of `_power_group_z`: the f-DPO / mDPO loss [B] of
+    forward KL (power 1) and alpha (power alpha).
 
-    The derivative is written out, -beta sigmoid(-z) e^(-c h_w) for h_w and
-    beta sigmoid(-z) e^(-c h_l) for h_l, each as one exp of a sum of logs: autodiff of the
-    composition would multiply sigmoid(-z) = 0 by an overflowed e^(-c h) = inf and give NaN
-    where the loss is a perfectly finite 0.
+    Its derivative is written out: d/dh_w,k = -scale w_k sigmoid(-z) e^(-c h_w,k) and
+    d/dh_l,l = scale w_l sigmoid(-z) e^(-c h_l,l), each as one exp of a sum of logs, so it is
+    finite wherever the true derivative is (autodiff of the composition would multiply
+    sigmoid(-z) = 0 by an overflowed e^(-c h) and give NaN where the loss is a finite 0) and
+    +/-inf exactly where |scale w sigmoid(-z) e^(-c h)| exceeds float32. No derivative flows
+    into the weights, scale or power.
     """
-    z = beta / power * exp_difference(rejected_h, chosen_h, power)
-    return jax.nn.softplus(-z)
+    return jax.nn.softplus(-_power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight,
+                                           scale, power))
 
 
-@_power_fdpo_loss.defjvp
-def _power_fdpo_loss_jvp(primals, tangents):
-    chosen_h, rejected_h, beta, power = primals
-    d_chosen, d_rejected, _, _ = tangents  # beta, power enter stop_gradient-ed (see fdpo_loss)
-    z = beta / power * exp_difference(rejected_h, chosen_h, power)
-    log_sigmoid_neg_z = -jax.nn.softplus(z)
-    grad_chosen = -beta * jnp.exp(log_sigmoid_neg_z - power * chosen_h)
-    grad_rejected = beta * jnp.exp(log_sigmoid_neg_z - power * rejected_h)
-    return jax.nn.softplus(-z), grad_chosen * d_chosen + grad_rejected * d_rejected
+@power_group_loss.defjvp
+def _power_group_loss_jvp(primals, tangents):
+    chosen_h, rejected_h, chosen_weight, rejected_weight, scale, c = primals
+    d_chosen, d_rejected = tangents[:2]
+    z = _power_group_z(*primals)
+    log_sigmoid = -jax.nn.softplus(z)[..., None]  # log sigmoid(-z), [B, 1]
+    grad_chosen = -_member_slopes(chosen_weight, scale, log_sigmoid - c * chosen_h)
+    grad_rejected = _member_slopes(rejected_weight, scale, log_sigmoid - c * rejected_h)
+    tangent = jnp.sum(grad_chosen * d_chosen, -1) + jnp.sum(grad_rejected * d_rejected, -1)
+    return jax.nn.softplus(-z), tangent
+
+
+@jax.custom_jvp
+def power_group_margin(chosen_h, rejected_h, chosen_weight, rejected_weight, power):
+    """mean_k f'(u_w,k) - mean_l f'(u_l,l) [B] for forward KL / alpha (z of `_power_group_z`
+    with scale 1), with the derivatives w_k e^(-c h_k) (chosen) and -w_l e^(-c h_l)
+    (rejected) written out: finite wherever the true ones are, even where the margin is inf."""
+    return _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, 1.0, power)
+
+
+@power_group_margin.defjvp
+def _power_group_margin_jvp(primals, tangents):
+    chosen_h, rejected_h, chosen_weight, rejected_weight, c = primals
+    d_chosen, d_rejected = tangents[:2]
+    grad_chosen = _member_slopes(chosen_weight, 1.0, -c * chosen_h)
+    grad_rejected = -_member_slopes(rejected_weight, 1.0, -c * rejected_h)
+    tangent = jnp.sum(grad_chosen * d_chosen, -1) + jnp.sum(grad_rejected * d_rejected, -1)
+    return power_group_margin(*primals), tangent
+
+
+def scaled_gap(scale, a, b):
+    """scale (a - b), finite wherever the true value is: where a - b overflows float32 it is
+    formed as 2 (scale (a/2 - b/2)). The derivative is (scale, -scale) on both branches."""
+    gap = a - b
+    halves = 2.0 * (scale * (0.5 * a - 0.5 * b))
+    return jnp.where(jnp.isfinite(gap), scale * gap, halves)
 
 
 def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.Array,
@@ -44,7 +110,14 @@ def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     With divergence="reverse_kl" this is standard DPO, -log sigmoid(beta (h_w - h_l)), exactly.
     The difference f'(u_w) - f'(u_l) is formed in log space (see
     `Divergence.f_prime_difference`), so there is no NaN for any finite input; the loss is inf
-    only where its true value exceeds float32 (forward KL / alpha at h_w << -88).
+    only where its true value exceeds float32 (e.g. forward KL at beta e^(-h_w) > 3.4e38), and
+    beta (f'(u_w) - f'(u_l)) is formed so that it is finite wherever the true value is (h_w - h_l
+    or e^(-h_w) may overflow while beta times it does not).
+
+    Gradients are finite wherever the true ones are. For forward KL (c = 1) and alpha (c = alpha)
+    the derivative d/dh_w = -beta sigmoid(-z) e^(-c h_w), z = beta (f'(u_w) - f'(u_l)), exceeds
+    float32 at finite losses, e.g. at a tie h_w = h_l = h (loss log 2) once
+    beta e^(-c h) / 2 > 3.4e38: there it is -inf (and +inf for h_l), never NaN.
 
     Args:
       chosen_h: [B] log-ratios of the preferred responses (any float dtype; computed in f32).
@@ -70,11 +143,16 @@ def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     check_same_shape(chosen_h=chosen_h, rejected_h=rejected_h)
     check_positive("beta", beta)
     div = get_divergence(divergence, alpha=alpha)
-    if div.power is not None:  # forward KL / alpha: f' ~ -e^(-c h)/c, see _power_fdpo_loss
+    if div.power is not None:  # forward KL / alpha: f' ~ -e^(-c h)/c, see power_group_loss
         beta, power = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power)))
-        return _power_fdpo_loss(as_float32(chosen_h), as_float32(rejected_h), beta, power)
-    margin = div.f_prime_difference(chosen_h, rejected_h)  # f'(u_w) - f'(u_l), [B]
-    return jax.nn.softplus(-beta * margin)  # -log sigmoid(beta margin), eq. 2.2
+        h_w, h_l = as_float32(chosen_h)[..., None], as_float32(rejected_h)[..., None]
+        ones = jnp.ones_like(h_w)  # groups of one member: mean f'(u) = f'(u)
+        return power_group_loss(h_w, h_l, ones, ones, beta, power)
+    if div.name == "reverse_kl":  # beta (h_w - h_l), finite even where h_w - h_l overflows
+        z = scaled_gap(beta, as_float32(chosen_h), as_float32(rejected_h))
+    else:  # jsd: |f'(u_w) - f'(u_l)| <= float32 max
+        z = beta * div.f_prime_difference(chosen_h, rejected_h)
+    return jax.nn.softplus(-z)  # -log sigmoid(beta (f'(u_w) - f'(u_l))), eq. 2.2
 
 
 def ipo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Array) -> jax.Array:
@@ -90,7 +168,9 @@ def ipo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Arr
     """
     check_same_shape(chosen_h=chosen_h, rejected_h=rejected_h)
     check_positive("tau", tau)
-    return jnp.square(as_float32(chosen_h) - as_float32(rejected_h) - 0.5 / tau)
+    # Halved so that h_w - h_l cannot overflow where the true square is finite (or inf - inf).
+    half = (0.5 * as_float32(chosen_h) - 0.5 * as_float32(rejected_h)) - 0.25 / as_float32(tau)
+    return jnp.square(2.0 * half)
 
 
 def nll_loss(token_logps: jax.Array, mask: jax.Array) -> jax.Array:

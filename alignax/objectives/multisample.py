@@ -30,16 +30,16 @@ The NLL/SFT regulariser (thesis §3.6.1, footnote 3) composes by addition:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alignax._checks import as_float32, check_positive, check_rank
-from alignax.divergences import get_divergence
-from alignax.objectives.fdpo import nll_loss
-
-_LOG_SPLIT = 40.0  # s = e^40: (x s) s stays finite for |x| <= 1 (e^80 < float32 max ~ e^88.7)
+from alignax.divergences import _softplus_difference, get_divergence, scaled_exp
+from alignax.objectives.fdpo import nll_loss, power_group_loss, power_group_margin, scaled_gap
 
 
 def _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask):
@@ -62,85 +62,32 @@ def _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask):
     return masks[0], masks[1]
 
 
-def _member_values(div, h, mask):
-    """Per-member f'(u) in a scaled form, safe for any value at padded members.
+def _group_inputs(chosen_h, rejected_h, chosen_mask, rejected_mask):
+    """Sanitised groups on validated boolean masks.
 
-    Returns (g_scaled [B, N], log_scale [B, N]) with f'(u) = g_scaled * exp(log_scale) up to an
-    additive constant (constants cancel in a difference of group means and in variances). The
-    magnitudes are kept in log space for forward KL / alpha, whose f'(u) = -u^(-a)/a overflows
-    float32 for h below about -88/a while its log magnitude does not.
+    Returns (empty [B], h_w [B, K], h_l [B, L], valid_w [B, K], valid_l [B, L]). `empty`
+    marks examples with an empty group: all their members count as valid and hold h = 0 (the
+    caller zeroes their result, and their gradient is then an exact 0). Padded members hold
+    h = 0 (the first "where": padding never enters any arithmetic).
     """
-    h = jnp.where(mask, as_float32(h), 0.0)  # first where: padded garbage never enters math
-    if div.power is not None:  # forward KL (a = 1) / alpha
-        a = div.power
-        log_mag = -a * h - jnp.log(a)  # log |f'(u) - 1/a| = log(u^-a / a)
-        return -jnp.ones_like(h), log_mag
-    g = h if div.name == "reverse_kl" else jax.nn.log_sigmoid(h)  # jsd: log(2u/(1+u)) - log 2
-    return g, jnp.zeros_like(h)
-
-
-def _scaled_stats(g, log_mag, mask, log_s):
-    """Masked mean and Bessel variance of v = g exp(log_mag) divided by s = exp(log_s [B]).
-
-    Returns (mean [B], var [B], count [B]) of v / s; var is 0 where count < 2.
-    """
-    maskf = mask.astype(jnp.float32)
-    count = jnp.sum(maskf, axis=-1)  # [B]
-    v = jnp.where(mask, g * jnp.exp(jnp.where(mask, log_mag - log_s[:, None], 0.0)), 0.0)
-    mean = jnp.sum(v, axis=-1) / jnp.maximum(count, 1.0)
-    dev = jnp.where(mask, v - mean[:, None], 0.0)
-    var = jnp.sum(jnp.square(dev), axis=-1) / jnp.maximum(count - 1.0, 1.0)  # K-1 denominator
-    return mean, jnp.where(count >= 2.0, var, 0.0), count
-
-
-def _row_log_scale(g, log_mag, mask, floor):
-    """log of max(floor, max over valid members of |g| exp(log_mag)), per row, no gradient."""
-    log_abs = jnp.where(mask, jnp.log(jnp.maximum(jnp.abs(g), 1e-30)) + log_mag, -jnp.inf)
-    return jax.lax.stop_gradient(jnp.maximum(jnp.max(log_abs, axis=-1), floor))
-
-
-def _safe_masks(chosen_mask, rejected_mask):
-    """Examples with an empty group get all-True masks (their values are zeroed anyway)."""
     empty = ~(jnp.any(chosen_mask, axis=-1) & jnp.any(rejected_mask, axis=-1))  # [B]
-    return empty, chosen_mask | empty[:, None], rejected_mask | empty[:, None]
+    h_w = jnp.where(chosen_mask & ~empty[:, None], as_float32(chosen_h), 0.0)
+    h_l = jnp.where(rejected_mask & ~empty[:, None], as_float32(rejected_h), 0.0)
+    return empty, h_w, h_l, chosen_mask | empty[:, None], rejected_mask | empty[:, None]
 
 
-def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=None):
-    """(mean_k f'(u_w,k) - mean_l f'(u_l,l) [B], zero_rows [B]) on validated boolean masks.
+def _weights(valid):
+    """[B, N] bool -> float32 weights 1/count on the valid members, 0 elsewhere."""
+    v = valid.astype(jnp.float32)
+    return v / jnp.maximum(jnp.sum(v, axis=-1, keepdims=True), 1.0)
 
-    zero_rows marks examples whose mDPO loss is 0: an empty group, or (when `beta` is given)
-    a margin so large that -log sigmoid(beta margin) underflows to 0; their margin reads 0.
-    """
-    empty, cm, rm = _safe_masks(chosen_mask, rejected_mask)
-    if div.power is None:  # reverse KL, JSD
-        means = []
-        for h, mask, safe in ((chosen_h, chosen_mask, cm), (rejected_h, rejected_mask, rm)):
-            g, _ = _member_values(div, h, mask)
-            weight = safe.astype(jnp.float32) / jnp.sum(safe, axis=-1, keepdims=True)  # [B, N]
-            means.append(jnp.sum(weight * g, axis=-1))  # weight first: no overflow of the sum
-        return jnp.where(empty, 0.0, means[0] - means[1]), empty
-    # mean_k f'(u_k) = f'(u_eff), log u_eff = -(1/a) log mean_k u_k^(-a): a log-mean-exp.
-    a = div.power
-    h_eff = []
-    for h, mask, safe in ((chosen_h, chosen_mask, cm), (rejected_h, rejected_mask, rm)):
-        x = jnp.where(mask, -a * as_float32(h), 0.0)  # -a h, [B, N]
-        m = jax.lax.stop_gradient(jnp.max(jnp.where(safe, x, -jnp.inf), axis=-1))  # [B]
-        total = jnp.sum(jnp.where(safe, jnp.exp(x - m[:, None]), 0.0), axis=-1)  # >= 1
-        log_mean = m + jnp.log(total) - jnp.log(jnp.sum(safe, axis=-1).astype(jnp.float32))
-        h_eff.append(-log_mean / a)  # log u_eff, [B]
-    if beta is not None:
-        # margin = (e^p - e^q)/a with p = -a h_eff_l, q = -a h_eff_w. Where beta * margin > 104,
-        # -log sigmoid(-beta margin) is exactly 0 in float32; the margin itself may overflow
-        # there (and 0 * inf = NaN in its gradient), so those rows are computed on zeros.
-        p_, q_ = -a * h_eff[1], -a * h_eff[0]
-        gap = jnp.abs(p_ - q_)
-        log_margin = (jnp.maximum(p_, q_) + jnp.log(-jnp.expm1(-jnp.maximum(gap, 1e-30)))
-                      - jnp.log(a))
-        saturated = (p_ > q_) & (jnp.log(as_float32(beta)) + log_margin > math.log(104.0))
-        saturated = jax.lax.stop_gradient(saturated)
-        h_eff = [jnp.where(saturated, 0.0, h) for h in h_eff]
-        empty = empty | saturated
-    return jnp.where(empty, 0.0, div.f_prime_difference(h_eff[0], h_eff[1])), empty
+
+def _group_means(div, h_w, h_l, valid_w, valid_l):
+    """(mean_k g_w,k, mean_l g_l,l) [B] with g = f'(u) - 1 (reverse KL) or f'(u) - log 2 (JSD),
+    weights applied first so the sums cannot overflow."""
+    g = (lambda h: h) if div.name == "reverse_kl" else jax.nn.log_sigmoid  # log(2u/(1+u)) - log 2
+    return (jnp.sum(_weights(valid_w) * g(h_w), axis=-1),
+            jnp.sum(_weights(valid_l) * g(h_l), axis=-1))
 
 
 def group_margin(chosen_h: jax.Array, rejected_h: jax.Array, *, divergence: str = "reverse_kl",
@@ -148,10 +95,11 @@ def group_margin(chosen_h: jax.Array, rejected_h: jax.Array, *, divergence: str 
                  rejected_mask: jax.Array | None = None) -> jax.Array:
     """Difference of group means of f'(u): mean_k f'(u_w,k) - mean_l f'(u_l,l), [B] float32.
 
-    For reverse KL this is mean_k h_w - mean_l h_l (§3.5.1). Forward KL / alpha use
-    mean_k f'(u_k) = f'(u_eff) with log u_eff = -(1/a) log mean_k u_k^(-a), so the difference is
-    taken by `Divergence.f_prime_difference` without forming inf - inf. Examples with an empty
-    group give 0.
+    For reverse KL this is mean_k h_w - mean_l h_l (§3.5.1). Forward KL / alpha (f'(u) =
+    (1 - u^-a)/a) use mean_k u_k^-a = e^(log-mean-exp of -a h_k), so the difference is formed
+    without inf - inf and is inf only where the true value exceeds float32; its derivative,
+    (1/K) e^(-a h_w,k) per chosen member, is finite wherever the true one is. Examples with an
+    empty group give 0 and no gradient.
 
     Args:
       chosen_h: [B, K] log-ratios of the preferred group.
@@ -161,7 +109,15 @@ def group_margin(chosen_h: jax.Array, rejected_h: jax.Array, *, divergence: str 
     """
     chosen_mask, rejected_mask = _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask)
     div = get_divergence(divergence, alpha=alpha)
-    return _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask)[0]
+    empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
+                                                      rejected_mask)
+    if div.power is not None:
+        power = jax.lax.stop_gradient(as_float32(div.power))
+        margin = power_group_margin(h_w, h_l, _weights(valid_w), _weights(valid_l), power)
+    else:
+        mean_w, mean_l = _group_means(div, h_w, h_l, valid_w, valid_l)
+        margin = mean_w - mean_l
+    return jnp.where(empty, 0.0, margin)
 
 
 def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.Array,
@@ -172,6 +128,13 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     With reverse KL (default) this is the thesis' L_mDPO, -log sigmoid(beta mean h_w -
     beta mean h_l); with K = L = 1 it is DPO (`fdpo_loss`) exactly. The estimator is biased
     for the population mDPO objective (the sigmoid is non-linear, §3.5.2).
+
+    Numerics as in `fdpo_loss`: no NaN for finite inputs, the loss inf only where its true
+    value exceeds float32, gradients finite wherever the true ones are (for forward KL / alpha
+    the derivative -(beta/K) sigmoid(-z) e^(-a h_w,k) of a chosen member is written out), and
+    alpha -> 0 tends to reverse KL to float32 accuracy (the group means of u^-a are formed
+    through expm1 / log1p of -a (h - min h)). beta and alpha get no gradient for forward KL /
+    alpha.
 
     Args:
       chosen_h: [B, K] log-ratios of the preferred group (any float dtype; computed in f32).
@@ -194,18 +157,160 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     check_positive("beta", beta)
     chosen_mask, rejected_mask = _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask)
     div = get_divergence(divergence, alpha=alpha)
-    margin, zero = _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=beta)
-    return jnp.where(zero, 0.0, jax.nn.softplus(-beta * margin))  # -log sigmoid(beta margin)
+    empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
+                                                      rejected_mask)
+    if div.power is not None:  # forward KL / alpha: see `power_group_loss`
+        beta, power = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power)))
+        loss = power_group_loss(h_w, h_l, _weights(valid_w), _weights(valid_l), beta, power)
+    else:
+        mean_w, mean_l = _group_means(div, h_w, h_l, valid_w, valid_l)
+        loss = jax.nn.softplus(-scaled_gap(beta, mean_w, mean_l))  # -log sigmoid(beta margin)
+    return jnp.where(empty, 0.0, loss)
 
 
-def _unscale(x, log_s):
-    """x * s^2 for s = exp(log_s) [B]: exact (with exact gradient) while s^2 fits in float32,
-    +/-inf beyond, and 0 (never 0 * inf = NaN) where x is exactly 0."""
-    s = jnp.exp(jnp.minimum(log_s, _LOG_SPLIT))
-    rest = jnp.exp(jnp.maximum(log_s - _LOG_SPLIT, 0.0))  # 1 unless s > e^40
-    out = (x * s) * s
-    big = log_s > _LOG_SPLIT
-    return jnp.where(big, jnp.where(x == 0.0, 0.0, (out * rest) * rest), out)
+def _median_member(h, valid):
+    """h of the lower-median valid member of each row ([B, N] -> [B]; 0 for a row without)."""
+    count = jnp.sum(valid, axis=-1)
+    ordered = jnp.sort(jnp.where(valid, h, jnp.inf), axis=-1)
+    t = jnp.take_along_axis(ordered, (jnp.maximum(count - 1, 0) // 2)[:, None], axis=-1)[:, 0]
+    return jnp.where(jnp.isfinite(t), t, 0.0)
+
+
+def _mipo_slots(name, h, valid, c, power):
+    """The mIPO quantities as v = mantissa e^(2 half_exponent) 2^kappa, without cancellation.
+
+    Slots [B, N + 1]: the members' implicit rewards shifted by the median member t,
+    y = g(h) - g(t) (the loss depends on differences of g only), then the target c = 1/(2 tau).
+    Shifting by a member makes y exact where members are close (and alpha -> 0 exact, where
+    g = -u^-a / a is a huge constant plus a tiny difference). Reverse KL / JSD: y / 2 by
+    halves (no overflow), all slots divided by one power of two (exact). Forward KL / alpha:
+    y = -(e^(-a h) - e^(-a t))/a = (bracket / a) e^(-a min(h, t)) with the bracket from expm1,
+    its exponent kept apart, so products of slots never overflow in between.
+
+    Returns (mantissa, half_exponent, kappa [B] int32, log_slope): log_slope = log g'(h) per
+    member (0 for the target); padded members have mantissa 0.
+    """
+    t = _median_member(h, valid)[:, None]
+    if name in ("forward_kl", "alpha"):  # g(h) = -e^(-a h)/a
+        d = -power * (h - t)
+        bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
+        mantissa = jnp.concatenate([-bracket / power, c[:, None]], axis=-1)
+        half = jnp.concatenate([-0.5 * power * jnp.minimum(h, t), jnp.zeros_like(t)], axis=-1)
+        log_slope = -power * h  # g'(h) = e^(-a h)
+    else:
+        if name == "reverse_kl":  # g(h) = h
+            y_half, log_slope = 0.5 * h - 0.5 * t, jnp.zeros_like(h)
+        else:  # jsd: g(h) = log sigmoid(h), g'(h) = sigmoid(-h)
+            y_half, log_slope = 0.5 * _softplus_difference(-t, -h), -jax.nn.softplus(h)
+        mantissa = jnp.concatenate([y_half, 0.5 * c[:, None]], axis=-1)  # v / 2
+        half = jnp.zeros_like(mantissa)
+    valid = jnp.concatenate([valid, jnp.ones_like(t, bool)], axis=-1)
+    mantissa = jnp.where(valid, mantissa, 0.0)
+    _, k = jnp.frexp(jnp.max(jnp.abs(mantissa), axis=-1))  # every |mantissa| / 2^k <= 1
+    kappa = k + (0 if name in ("forward_kl", "alpha") else 1)
+    log_slope = jnp.concatenate([log_slope, jnp.zeros_like(t)], axis=-1)
+    return jnp.ldexp(mantissa, -k[:, None]), half, kappa, log_slope
+
+
+def _mipo_coefficients(valid_w, valid_l, unbiased):
+    """(lam [B, N + 1], Q [B, N + 1, N + 1]): D = sum_a lam_a v_a is mean_w g - mean_l g - c,
+    and the loss is D^2 (biased) or sum_ab Q_ab v_a v_b (unbiased).
+
+    Unbiased (Prop. 1): D^2 - var_w/K - var_l/L = U_w + U_l - 2 mean_w mean_l - 2c (mean_w -
+    mean_l) + c^2 with U = sum_{i != j} g_i g_j / (n (n - 1)) the U-statistic of mean^2 of a
+    group (n >= 2 valid members; a group with one gets no correction, U = g^2). It holds no
+    square of a member, so nothing cancels between D^2 and the variances.
+    """
+    k, l = valid_w.shape[-1], valid_l.shape[-1]
+    n_w, n_l = (jnp.sum(v, axis=-1, keepdims=True).astype(jnp.float32) for v in (valid_w, valid_l))
+    lam = jnp.concatenate([valid_w / jnp.maximum(n_w, 1.0), valid_l / -jnp.maximum(n_l, 1.0),
+                           -jnp.ones_like(n_w)], axis=-1)  # [B, N + 1]
+    q = lam[:, :, None] * lam[:, None, :]
+    if not unbiased:
+        return lam, q
+    group = np.array([0] * k + [1] * l + [2])
+    same = jnp.asarray((group[:, None] == group[None, :]) & (group[:, None] < 2)
+                       & ~np.eye(k + l + 1, dtype=bool))  # distinct members of one group
+    valid = jnp.concatenate([valid_w, valid_l, jnp.ones_like(n_w, bool)], axis=-1)
+    n = jnp.concatenate([jnp.broadcast_to(n_w, valid_w.shape), jnp.broadcast_to(n_l, valid_l.shape),
+                         jnp.ones_like(n_w)], axis=-1)  # [B, N + 1], group size per slot
+    pairs = same & valid[:, :, None] & valid[:, None, :]
+    u = jnp.where(pairs, (1.0 / (n * jnp.maximum(n - 1.0, 1.0)))[:, :, None], 0.0)
+    corrected = jnp.asarray(group[:, None] == group[None, :]) & (n >= 2.0)[:, :, None]
+    return lam, jnp.where(corrected & (jnp.asarray(group) < 2)[None, :, None], u, q)
+
+
+def _signed_exp_sum(mantissa, half_exponent):
+    """sum over the last axis of mantissa e^(2 half_exponent), as (s, top) with value
+    s e^(2 top); every term is scaled by the largest exponent among non-zero terms."""
+    live = mantissa != 0.0
+    top = jnp.max(jnp.where(live, half_exponent, -jnp.inf), axis=-1)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    scaled = jnp.exp(2.0 * jnp.where(live, half_exponent - top[..., None], 0.0))
+    return jnp.sum(jnp.where(live, mantissa * scaled, 0.0), axis=-1), top
+
+
+def _from_signed(s, top, kappa, log_space):
+    """s e^(2 top) 2^kappa as float32, inf only where it exceeds float32 (exact when not
+    `log_space`, where top is 0)."""
+    if not log_space:  # top <= 0 here (the log of a slope <= 1)
+        return jnp.ldexp(s * jnp.exp(2.0 * top), kappa)
+    magnitude = scaled_exp(jnp.ldexp(jnp.abs(s), kappa),
+                           jnp.log(jnp.abs(s)) + kappa * math.log(2.0), 2.0 * top)
+    return jnp.sign(s) * magnitude
+
+
+def _quadratic(q, mantissa, half, kappa, log_space):
+    """sum_ab q_ab v_a v_b [B] for v = mantissa e^(2 half) 2^kappa."""
+    b = q.shape[0]
+    terms = (q * mantissa[:, :, None] * mantissa[:, None, :]).reshape(b, -1)
+    s, top = _signed_exp_sum(terms, (half[:, :, None] + half[:, None, :]).reshape(b, -1))
+    return _from_signed(s, top, 2 * kappa, log_space)
+
+
+def _mipo_value(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
+    valid_w, valid_l = valid_w > 0, valid_l > 0
+    mantissa, half, kappa, _ = _mipo_slots(name, jnp.concatenate([h_w, h_l], -1),
+                                           jnp.concatenate([valid_w, valid_l], -1), c, power)
+    lam, q = _mipo_coefficients(valid_w, valid_l, unbiased)
+    log_space = name in ("forward_kl", "alpha")
+    if unbiased:
+        return _quadratic(q, mantissa, half, kappa, log_space)
+    s, top = _signed_exp_sum(lam * mantissa, half)  # D, formed directly: D^2 is then exact
+    squared = jnp.where(s == 0.0, 0.0, s * s)
+    if not log_space:
+        return jnp.ldexp(squared, 2 * kappa)
+    return scaled_exp(jnp.ldexp(squared, 2 * kappa),
+                      2.0 * jnp.log(jnp.abs(s)) + 2 * kappa * math.log(2.0), 4.0 * top)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _mipo(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
+    """mIPO per example [B] on sanitised groups (`_group_inputs`; valid_* as float 0/1).
+
+    The derivative is written out: dL/dg_a = 2 sum_b Q_ab v_b (= 2 lam_a D when biased), times
+    g'(h_a), as one signed sum of exponentials, so it is finite wherever the true one is; the
+    target c = 1/(2 tau) gets its derivative too, power none.
+    """
+    return _mipo_value(name, unbiased, h_w, h_l, valid_w, valid_l, c, power)
+
+
+@_mipo.defjvp
+def _mipo_jvp(name, unbiased, primals, tangents):
+    h_w, h_l, valid_w, valid_l, c, power = primals
+    d_w, d_l, _, _, d_c, _ = tangents
+    mantissa, half, kappa, log_slope = _mipo_slots(
+        name, jnp.concatenate([h_w, h_l], -1), jnp.concatenate([valid_w > 0, valid_l > 0], -1),
+        c, power)
+    _, q = _mipo_coefficients(valid_w > 0, valid_l > 0, unbiased)
+    # d loss / d h_a = g'(h_a) 2 sum_b Q_ab v_b, each term with exponent 2 (half_b) + log g'_a
+    s, top = _signed_exp_sum(2.0 * q * mantissa[:, None, :],
+                             half[:, None, :] + 0.5 * log_slope[:, :, None])
+    grads = _from_signed(s, top, kappa[:, None], name in ("forward_kl", "alpha"))  # [B, N + 1]
+    k, l = h_w.shape[-1], h_l.shape[-1]
+    tangent = (jnp.sum(grads[:, :k] * d_w, -1) + jnp.sum(grads[:, k:k + l] * d_l, -1)
+               + grads[:, -1] * d_c)
+    return _mipo_value(name, unbiased, *primals), tangent
 
 
 def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Array,
@@ -230,23 +335,21 @@ def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: f
             f"(Proposition 1), got chosen_h {jnp.shape(chosen_h)} and rejected_h "
             f"{jnp.shape(rejected_h)}; use unbiased=False for single samples (IPO)")
     div = get_divergence(divergence, alpha=alpha)
-    empty, cm, rm = _safe_masks(chosen_mask, rejected_mask)
-    c = 0.5 / as_float32(tau)  # target margin 1/(2 tau)
-    gw, lw = _member_values(div, chosen_h, chosen_mask)
-    gl, ll = _member_values(div, rejected_h, rejected_mask)
-    # Common per-row scale s >= max(1, c, |f'(u)|): every square below stays <= ~4 in float32,
-    # and the result is s^2 times a homogeneous quadratic, so it is inf only on true overflow.
-    log_s = jnp.maximum(_row_log_scale(gw, lw, cm, 0.0), _row_log_scale(gl, ll, rm, 0.0))
-    log_s = jnp.maximum(log_s, jax.lax.stop_gradient(jnp.log(jnp.maximum(c, 1e-30))))
-    mean_w, var_w, n_w = _scaled_stats(gw, lw, cm, log_s)
-    mean_l, var_l, n_l = _scaled_stats(gl, ll, rm, log_s)
-    scale = jnp.exp(-log_s)
-    plain = jnp.square(mean_w - mean_l - c * scale)  # thesis' mIPO, divided by s^2
-    correction = var_w / jnp.maximum(n_w, 1.0) + var_l / jnp.maximum(n_l, 1.0)  # Prop. 1
-    scaled = plain - correction if unbiased else plain
-    loss = jnp.where(empty, 0.0, _unscale(scaled, log_s))
-    correction = (jnp.where(empty | (correction == 0.0), 0.0, _unscale(correction, log_s))
-                  if unbiased else jnp.zeros_like(loss))
+    empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
+                                                      rejected_mask)
+    c = jnp.broadcast_to(0.5 / as_float32(tau), jnp.shape(empty))  # target margin 1/(2 tau)
+    power = jax.lax.stop_gradient(as_float32(0.0 if div.power is None else div.power))
+    valid_w, valid_l = valid_w.astype(jnp.float32), valid_l.astype(jnp.float32)
+    loss = jnp.where(empty, 0.0, _mipo(div.name, unbiased, h_w, h_l, valid_w, valid_l, c, power))
+    correction = jnp.zeros_like(loss)
+    if unbiased:  # var_w/K + var_l/L = D^2 - loss, as its own quadratic form (no cancellation)
+        args = jax.lax.stop_gradient((jnp.concatenate([h_w, h_l], -1),
+                                      jnp.concatenate([valid_w, valid_l], -1) > 0, c, power))
+        mantissa, half, kappa, _ = _mipo_slots(div.name, *args)
+        lam, q = _mipo_coefficients(valid_w > 0, valid_l > 0, True)
+        correction = _quadratic(lam[:, :, None] * lam[:, None, :] - q, mantissa, half, kappa,
+                                div.power is not None)
+        correction = jnp.where(empty, 0.0, correction)
     single = (jnp.sum(chosen_mask, -1) == 1).astype(jnp.int32) + (jnp.sum(rejected_mask, -1) == 1)
     metrics = {
         "num_uncorrected_groups": jnp.sum(jnp.where(empty, 0, single)).astype(jnp.int32),
