@@ -89,24 +89,35 @@ def _exp_difference_jvp(primals, tangents):
     return exp_difference(h1, h2, c), tangent
 
 
-_PRODUCT_SAFE = 80.0  # e^+/-80 are normal float32 numbers with room for the product's rounding
+_LN2_HI = 0.693115234375  # ln 2 to 12 bits: n * _LN2_HI is exact in float32 for |n| < 2^12
+_LN2_LO = math.log(2.0) - _LN2_HI
 
 
-def scaled_exp(coef: jax.Array, log_coef: jax.Array, x: jax.Array) -> jax.Array:
-    """coef * e^x for coef >= 0 (given with its log), finite wherever the true value is.
+def scaled_exp(coef, log_coef: jax.Array, x: jax.Array, exponent=0) -> jax.Array:
+    """coef * 2^exponent * e^x for coef >= 0, finite wherever the true value is.
 
-    Where e^x, coef and the product all lie within e^(+/-80) (normal float32 numbers) it is the
-    product (a few ulps); elsewhere (a factor over- or underflows while the product need not)
-    it is exp(x + log coef), whose relative error, about eps |x + log coef| from rounding the
-    sum, is that of e^x itself at a float32-rounded argument. log_coef = -inf (coef = 0) gives
-    exactly 0; coef may underflow to 0 while log_coef stays exact. Elementwise, broadcasting.
+    `coef` is an array or a tuple of arrays (their product, never formed: each factor's
+    mantissa and binary exponent are taken apart by frexp, so the product cannot over- or
+    underflow on the way), `log_coef` its natural log, `exponent` an int array. e^x is
+    range-reduced, x = n ln 2 + r with |r| <= ln 2 / 2 (Cody-Waite: r is exact), and the power
+    of two applied by ldexp, so the result is within a few ulps wherever every factor is a
+    normal float32 number, even where e^x alone over- or underflows. Where a factor is not
+    (it underflowed to 0 or overflowed while log_coef is exact), the exponent x + log_coef is
+    reduced instead, with its rounding (eps |x + log coef|, that of e^y at a float32-rounded
+    y). log_coef = -inf (coef = 0) gives exactly 0. Elementwise, broadcasting.
     """
+    factors = coef if isinstance(coef, tuple) else (coef,)
+    tiny, top = jnp.finfo(jnp.float32).tiny, jnp.finfo(jnp.float32).max
     zero = log_coef == -jnp.inf
-    total = x + jnp.where(zero, 0.0, log_coef)
-    safe = ((jnp.abs(x) <= _PRODUCT_SAFE) & (jnp.abs(log_coef) <= _PRODUCT_SAFE)
-            & (jnp.abs(total) <= _PRODUCT_SAFE))
-    product = coef * jnp.exp(jnp.clip(x, -_PRODUCT_SAFE, _PRODUCT_SAFE))
-    return jnp.where(zero, 0.0, jnp.where(safe, product, jnp.exp(total)))
+    normal = functools.reduce(jnp.logical_and, [(f >= tiny) & (f <= top) for f in factors])
+    y = jnp.where(normal | zero, x, x + log_coef)  # the exponent still to apply
+    n = jnp.clip(jnp.round(y / math.log(2.0)), -600.0, 600.0)  # beyond: 0 or inf anyway
+    r = (y - n * _LN2_HI) - n * _LN2_LO
+    mantissa, power = jnp.ones_like(y), exponent + n.astype(jnp.int32)
+    for f in factors:
+        m, e = jnp.frexp(jnp.where(normal, f, 1.0))
+        mantissa, power = mantissa * m, power + e
+    return jnp.where(zero, 0.0, jnp.ldexp(mantissa * jnp.exp(r), power))
 
 
 def _softplus_difference(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -17,12 +17,15 @@ f-DPO) term with the paper's forward-KL regulariser as a heuristic, without Theo
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
 from alignax._checks import as_float32, check_positive, check_rank, check_same_shape
-from alignax.divergences import get_divergence, scaled_exp
-from alignax.objectives.fdpo import _power_group_z, fdpo_loss
+from alignax.divergences import Divergence, get_divergence, scaled_exp
+from alignax.objectives.fdpo import _power_group_z, fdpo_loss, log_slope
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -41,69 +44,102 @@ def _mask(where, shape: tuple[int, ...], name: str) -> jax.Array:
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
     """Mean of x over `axis` where mask; 0 (with zero gradient) where mask is empty. Each term
-    is divided by the count before summing, so the sum cannot overflow where the mean does not."""
-    count = jnp.sum(mask, axis=axis, keepdims=True)
-    return jnp.sum(jnp.where(mask, x / jnp.maximum(count, 1), 0.0), axis=axis)
+    is divided by the count before summing, and the sum is kept within the range of the terms,
+    so it is finite for finite x even where the mean is float32's largest number."""
+    count = jnp.maximum(jnp.sum(mask, axis=axis, keepdims=True), 1)
+    half = jnp.sum(jnp.where(mask, 0.5 * x / count, 0.0), axis=axis)  # cannot overflow
+    low = jnp.min(jnp.where(mask, x, jnp.inf), axis=axis, initial=jnp.inf)
+    high = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, initial=-jnp.inf)
+    value = jnp.where(jnp.any(mask, axis=axis), jnp.clip(2.0 * half, low, high), 0.0)
+    # the value, with the derivative of the plain mean (1/count per term)
+    return jax.lax.stop_gradient(value) + 2.0 * (half - jax.lax.stop_gradient(half))
 
 
-def _power_half_residual(h_1, h_2, r_1, r_2, beta, power):
-    """(r_1 - r_2)/2 - (beta/2) (f'(u_1) - f'(u_2)) for f' = -u^-c/c + const (c = power)."""
-    half_gap = _power_group_z(h_1[..., None], h_2[..., None], jnp.ones_like(h_1)[..., None],
-                              jnp.ones_like(h_2)[..., None], 0.5 * beta, power)  # (beta/2) gap
-    return (0.5 * r_1 - 0.5 * r_2) - half_gap
+def _half_residual(name, h_1, h_2, r_1, r_2, beta, power):
+    """rho = (r_1 - r_2)/2 - (beta/2) (f'(u_1) - f'(u_2)), half the residual of 004 eq. 7, as
+    (rho, sign, log |rho|): rho is inf only beyond float32, its logarithm is always finite
+    (the halves of r_1 - r_2 and of the gap cannot overflow; beta times the gap may)."""
+    if name in ("forward_kl", "alpha"):  # f' = -u^-c/c + const, see `_power_group_z`
+        ones = jnp.ones_like(h_1)[..., None]
+        gap, log_gap = _power_group_z(h_1[..., None], h_2[..., None], ones, ones, 0.5 * beta,
+                                      power, with_log=True)  # (beta/2) (f'(u_1) - f'(u_2))
+    else:
+        half = (0.5 * h_1 - 0.5 * h_2 if name == "reverse_kl"  # f'(u_1) - f'(u_2) = h_1 - h_2
+                else 0.5 * Divergence("jsd").f_prime_difference(h_1, h_2))  # |.| <= f32 max
+        gap, log_gap = beta * half, jnp.log(beta) + jnp.log(jnp.abs(half))
+    reward = 0.5 * r_1 - 0.5 * r_2
+    # log |rho| by halves while the gap is finite; beyond it, |reward| < |gap| and log1p applies
+    finite = jnp.isfinite(gap)
+    log_near = jnp.log(jnp.abs(0.5 * reward - 0.5 * gap)) + math.log(2.0)
+    ratio = jnp.exp(jnp.log(jnp.abs(reward)) - log_gap) * jnp.sign(reward) * jnp.sign(gap)
+    log_far = log_gap + jnp.log1p(-jnp.minimum(jnp.where(finite, 0.0, ratio), 1.0 - 2.0**-24))
+    sign = jnp.where(finite, jnp.sign(0.5 * reward - 0.5 * gap), -jnp.sign(gap))
+    return reward - gap, sign, jnp.where(finite, log_near, log_far)
 
 
-@jax.custom_jvp
-def _power_squared_residual(h_1, h_2, r_1, r_2, beta, power, weight):
-    """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2 for forward KL / alpha (004 eq. 7).
+def _weighted_square(rho, log_rho, weight):
+    """weight (2 rho)^2, finite wherever it is in truth (also where rho alone overflows)."""
+    plain = jnp.square(rho * (2.0 * jnp.sqrt(weight)))
+    logs = scaled_exp(4.0 * weight, jnp.log(4.0 * weight), 2.0 * log_rho)
+    return jnp.where(jnp.isfinite(rho), plain, logs)
 
-    Formed as (2 sqrt(weight) rho)^2 with rho the half residual, so neither r_1 - r_2 nor
-    beta (f'(u_1) - f'(u_2)) overflows where the loss does not. The derivative, -2 beta w rho'
-    e^(-c h_1) for h_1 (rho' = 2 rho the residual) and the opposite sign and e^(-c h_2) for
-    h_2, is one exp of a sum of logs: 0 where the residual is 0 (never 0 * inf), finite
-    wherever the true one is. No derivative flows into beta, power or weight.
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _weighted_squared_residual(name, h_1, h_2, r_1, r_2, beta, power, weight):
+    """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2 = weight (2 rho)^2 (004 eq. 7).
+
+    The derivative is written out: d/dh_1 = -4 w beta rho f''_1 with f''_1 = d f'(e^h_1)/dh_1
+    (and +4 w beta rho f''_2 for h_2), d/dr_1 = -d/dr_2 = 4 w rho, each from log |rho|: 0 where
+    the residual is 0 (never 0 * inf), finite wherever the true one is, even where rho itself
+    overflows. No derivative flows into beta, power or weight.
     """
-    rho = _power_half_residual(h_1, h_2, r_1, r_2, beta, power)
-    return jnp.square(rho * (2.0 * jnp.sqrt(weight)))
+    rho, _, log_rho = _half_residual(name, h_1, h_2, r_1, r_2, beta, power)
+    return _weighted_square(rho, log_rho, weight)
 
 
-@_power_squared_residual.defjvp
-def _power_squared_residual_jvp(primals, tangents):
+@_weighted_squared_residual.defjvp
+def _weighted_squared_residual_jvp(name, primals, tangents):
     h_1, h_2, r_1, r_2, beta, power, weight = primals
     d_h1, d_h2, d_r1, d_r2 = tangents[:4]
-    rho = _power_half_residual(h_1, h_2, r_1, r_2, beta, power)
-    # d loss / d h_1 = 2 w residual (-beta e^(-c h_1)), residual = 2 rho; |.| = 4 w beta |rho| ...
-    log_coef = jnp.log(4.0 * jnp.abs(rho)) + jnp.log(beta) + jnp.log(weight)
-    coef = 4.0 * jnp.abs(rho) * beta * weight
-    slope_1 = -jnp.sign(rho) * scaled_exp(coef, log_coef, -power * h_1)
-    slope_2 = jnp.sign(rho) * scaled_exp(coef, log_coef, -power * h_2)
-    slope_r = rho * (4.0 * weight)  # d/dr_1 = 2 w residual; d/dr_2 is its negative
+    rho, sign, log_rho = _half_residual(name, h_1, h_2, r_1, r_2, beta, power)
+    coef = (jnp.abs(rho), beta, 4.0 * weight)
+    log_coef = log_rho + jnp.log(beta) + jnp.log(4.0 * weight)
+    slope_1 = -sign * scaled_exp(coef, log_coef, log_slope(name, h_1, power))
+    slope_2 = sign * scaled_exp(coef, log_coef, log_slope(name, h_2, power))
+    slope_r = jnp.where(jnp.isfinite(rho), rho * (4.0 * weight),  # 4 w rho = 2 w residual
+                        sign * scaled_exp(4.0 * weight, jnp.log(4.0 * weight), log_rho))
     tangent = slope_1 * d_h1 + slope_2 * d_h2 + slope_r * (d_r1 - d_r2)
-    return jnp.square(rho * (2.0 * jnp.sqrt(weight))), tangent
+    return _weighted_square(rho, log_rho, weight), tangent
 
 
-def _squared_residual(h_1, h_2, r_1, r_2, *, beta, divergence, alpha, weight=1.0) -> jax.Array:
+def _squared_residual(h_1, h_2, r_1, r_2, *, beta, divergence, alpha, weight=1.0,
+                      log=False) -> jax.Array:
     """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2, broadcasting r [..., B] against h [B].
 
-    Formed from half-scale differences so that it is finite wherever the true value is (no
-    inf - inf between r_1 - r_2 and beta (f'(u_1) - f'(u_2)) at extreme finite inputs), with
-    gradients finite wherever the true ones are. `weight` (> 0) scales the value before
-    squaring, so that a batch mean of terms each beyond float32 can still be finite.
+    Finite wherever the true value is (no inf - inf between r_1 - r_2 and beta (f'(u_1) -
+    f'(u_2)) at extreme finite inputs), gradients too (`_weighted_squared_residual`). `weight`
+    (> 0) scales the value before squaring, so that a batch mean of terms each beyond float32
+    can still be finite. No gradient flows into beta / alpha. With `log`, returns the natural
+    log of the value instead (finite even where the value overflows; no gradient).
     """
     div = get_divergence(divergence, alpha=alpha)
     h_1, h_2, r_1, r_2 = jnp.broadcast_arrays(*(as_float32(v) for v in (h_1, h_2, r_1, r_2)))
-    weight = jnp.broadcast_to(as_float32(weight), h_1.shape)
-    if div.power is not None:  # forward KL / alpha: see _power_squared_residual
-        beta, power, weight = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power),
-                                                     weight))
-        beta = jnp.broadcast_to(beta, h_1.shape)
-        return _power_squared_residual(h_1, h_2, r_1, r_2, beta, power, weight)
-    if div.name == "reverse_kl":  # f'(u_1) - f'(u_2) = h_1 - h_2
-        half_gap = 0.5 * h_1 - 0.5 * h_2
-    else:  # jsd: |f'(u_1) - f'(u_2)| <= float32 max
-        half_gap = 0.5 * div.f_prime_difference(h_1, h_2)
-    rho = (0.5 * r_1 - 0.5 * r_2) - beta * half_gap  # half the residual of 004 eq. 7
-    return jnp.square(rho * (2.0 * jnp.sqrt(weight)))
+    beta, power, weight = jax.lax.stop_gradient(
+        (jnp.broadcast_to(as_float32(beta), h_1.shape),
+         as_float32(0.0 if div.power is None else div.power),
+         jnp.broadcast_to(as_float32(weight), h_1.shape)))
+    if log:
+        args = jax.lax.stop_gradient((h_1, h_2, r_1, r_2))
+        log_rho = _half_residual(div.name, *args, beta, power)[2]
+        return 2.0 * log_rho + jnp.log(4.0 * weight)
+    return _weighted_squared_residual(div.name, h_1, h_2, r_1, r_2, beta, power, weight)
+
+
+def _argmin(values: jax.Array, logs: jax.Array, axis: int) -> jax.Array:
+    """argmin of `values` along `axis`, decided on their logs `logs` where every value there
+    overflowed (then float32 cannot order the values themselves)."""
+    overflow = jnp.all(jnp.isinf(values), axis=axis, keepdims=True)
+    return jnp.argmin(jnp.where(overflow, logs, values), axis=axis)
 
 
 @jax.custom_jvp
@@ -260,8 +296,16 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
                                         weight=scale / count)  # [E, B], each / count already
         return per_example, jnp.sum(jnp.where(mask[None], per_example, 0.0), axis=1)
 
-    per_example, member_losses = member_losses_at(1.0, (h_1, h_2, r_1, r_2))
-    distill = jnp.min(member_losses)  # min over the confidence set, per mini-batch (fn. 2)
+    # min over the confidence set, per mini-batch (fn. 2). The arg-min is found on values only
+    # and the gradient taken through that member alone: the others may have infinite
+    # derivatives that a 0 cotangent would turn into NaN.
+    per_example, member_losses = member_losses_at(
+        1.0, jax.lax.stop_gradient((h_1, h_2, r_1, r_2)))
+    log_per_example = _squared_residual(h_1, h_2, r_1, r_2, beta=beta, divergence=divergence,
+                                        alpha=alpha, weight=1.0 / count, log=True)  # [E, B]
+    log_member = jax.nn.logsumexp(jnp.where(mask[None], log_per_example, -jnp.inf), axis=1)
+    member = _argmin(member_losses, log_member, axis=0)
+    distill = member_losses_at(1.0, (h_1, h_2, r_1[member][None], r_2[member][None]))[1][0]
 
     if reference_h is None:
         reference_h = jnp.stack([h_1, h_2])  # [2, B]: the pair completions as pi_ref samples
@@ -278,9 +322,9 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
     loss = _sum_or_fallback(distill, gamma * forward_kl, fallback)
 
     aux = {
-        "member": jnp.argmin(member_losses).astype(jnp.int32),
+        "member": member.astype(jnp.int32),
         "member_losses": member_losses,
-        "per_example_member": jnp.where(mask, jnp.argmin(per_example, axis=0),
+        "per_example_member": jnp.where(mask, _argmin(per_example, log_per_example, axis=0),
                                         -1).astype(jnp.int32),
         "distill": distill,
         "forward_kl": forward_kl,

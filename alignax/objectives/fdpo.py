@@ -6,14 +6,17 @@ unreduced per-example float32 values; the caller takes the mean.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from alignax._checks import as_float32, check_positive, check_same_shape
-from alignax.divergences import get_divergence, scaled_exp
+from alignax.divergences import Divergence, get_divergence, scaled_exp
 
 
-def _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power):
+def _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power,
+                   with_log=False):
     """z = scale (mean_k f'(u_w,k) - mean_l f'(u_l,l)) for f'(u) = -u^(-c)/c + const, c = power.
 
     That is (scale/c) (S_l - S_w) with S = sum_k w_k e^(-c h_k) the weighted mean of u^-c of a
@@ -25,6 +28,7 @@ def _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, 
     magnitude taken in log space where e^m overflows but z does not (`scaled_exp`).
 
     Shapes: chosen_h [B, K], rejected_h [B, L] (and weights alike) -> [B]; scale [B] or scalar.
+    With `with_log`, returns (z, log |z|) instead.
     """
     c = power
 
@@ -41,38 +45,77 @@ def _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, 
     bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))  # (S_l-S_w)/e^m
     magnitude = jnp.abs(bracket)
     log_coef = jnp.log(scale) - jnp.log(c) + jnp.log(magnitude)
-    return jnp.sign(bracket) * scaled_exp(scale / c * magnitude, log_coef, m)
+    z = jnp.sign(bracket) * scaled_exp((scale, 1.0 / c, magnitude), log_coef, m)
+    return (z, log_coef + m) if with_log else z  # log |z| stays finite where z overflows
 
 
 def _member_slopes(weight, scale, exponent):
     """scale w_k e^(exponent_k) per member [B, N], finite wherever the true value is."""
-    return scaled_exp(scale * weight, jnp.log(scale) + jnp.log(weight), exponent)
+    return scaled_exp((scale, weight), jnp.log(scale) + jnp.log(weight), exponent)
 
 
-@jax.custom_jvp
-def power_group_loss(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power):
-    """softplus(-z) = -log sigmoid(z), z of `_power_group_z`: the f-DPO / mDPO loss [B] of
-    forward KL (power 1) and alpha (power alpha).
+def log_slope(name, h, power):
+    """log of d f'(e^h) / dh (Table 2.1): 0 (reverse KL), log sigmoid(-h) (JSD), -c h (forward
+    KL, c = 1, and alpha, c = alpha); finite for every finite h."""
+    if name == "reverse_kl":
+        return jnp.zeros_like(h)
+    if name == "jsd":
+        return -jax.nn.softplus(h)
+    return -power * h
 
-    Its derivative is written out: d/dh_w,k = -scale w_k sigmoid(-z) e^(-c h_w,k) and
-    d/dh_l,l = scale w_l sigmoid(-z) e^(-c h_l,l), each as one exp of a sum of logs, so it is
-    finite wherever the true derivative is (autodiff of the composition would multiply
-    sigmoid(-z) = 0 by an overflowed e^(-c h) and give NaN where the loss is a finite 0) and
-    +/-inf exactly where |scale w sigmoid(-z) e^(-c h)| exceeds float32. No derivative flows
-    into the weights, scale or power.
+
+def scaled_gap(scale, a, b):
+    """scale (a - b), finite wherever the true value is: where a - b overflows float32 it is
+    formed as 2 (scale (a/2 - b/2)). The derivative is (scale, -scale) on both branches."""
+    gap = a - b
+    halves = 2.0 * (scale * (0.5 * a - 0.5 * b))
+    return jnp.where(jnp.isfinite(gap), scale * gap, halves)
+
+
+def _group_z(name, chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power):
+    """z = scale (mean_k f'(u_w,k) - mean_l f'(u_l,l)) [B], finite wherever it is in truth.
+
+    Weighted means (weights [B, N], 1/count on valid members, padded members' h finite).
+    Reverse KL: f' = h + 1, the scale applied by `scaled_gap` (a single member: standard DPO's
+    beta (h_w - h_l) exactly). JSD: f' = log sigmoid(h) + log 2, a single member through
+    `Divergence.f_prime_difference` (no cancellation). Forward KL / alpha: `_power_group_z`.
     """
-    return jax.nn.softplus(-_power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight,
-                                           scale, power))
+    if name in ("forward_kl", "alpha"):
+        return _power_group_z(chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power)
+    if name == "jsd" and chosen_h.shape[-1] == rejected_h.shape[-1] == 1:
+        return scale * Divergence("jsd").f_prime_difference(chosen_h[..., 0], rejected_h[..., 0])
+    g = (lambda h: h) if name == "reverse_kl" else jax.nn.log_sigmoid
+    return scaled_gap(scale, jnp.sum(chosen_weight * g(chosen_h), axis=-1),
+                      jnp.sum(rejected_weight * g(rejected_h), axis=-1))
 
 
-@power_group_loss.defjvp
-def _power_group_loss_jvp(primals, tangents):
-    chosen_h, rejected_h, chosen_weight, rejected_weight, scale, c = primals
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def group_loss(name, chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power):
+    """softplus(-z) = -log sigmoid(z), z of `_group_z`: the f-DPO (eq. 2.2, groups of one) and
+    mDPO (§3.5.1) loss [B] of divergence `name`.
+
+    Its derivative is written out: d/dh_w,k = -scale w_k sigmoid(-z) f''(h_w,k) and
+    d/dh_l,l = scale w_l sigmoid(-z) f''(h_l,l), with f''(h) = d f'(e^h)/dh (`log_slope`), each
+    as one exponential of a sum of logs. So it is finite wherever the true derivative is
+    (autodiff would multiply sigmoid(-z) = 0 by an overflowed e^(-c h) and give NaN where the
+    loss is a finite 0, or lose sigmoid(-h) ~ e^-88 to underflow before a large scale), and
+    +/-inf exactly where the true one exceeds float32. No derivative flows into the weights,
+    the scale (beta) or the power (alpha).
+    """
+    return jax.nn.softplus(-_group_z(name, chosen_h, rejected_h, chosen_weight,
+                                     rejected_weight, scale, power))
+
+
+@group_loss.defjvp
+def _group_loss_jvp(name, primals, tangents):
+    chosen_h, rejected_h, chosen_weight, rejected_weight, scale, power = primals
     d_chosen, d_rejected = tangents[:2]
-    z = _power_group_z(*primals)
+    z = _group_z(name, *primals)
     log_sigmoid = -jax.nn.softplus(z)[..., None]  # log sigmoid(-z), [B, 1]
-    grad_chosen = -_member_slopes(chosen_weight, scale, log_sigmoid - c * chosen_h)
-    grad_rejected = _member_slopes(rejected_weight, scale, log_sigmoid - c * rejected_h)
+    grad_chosen = -_member_slopes(chosen_weight, scale,
+                                  log_sigmoid + log_slope(name, chosen_h, power))
+    grad_rejected = _member_slopes(rejected_weight, scale,
+                                   log_sigmoid + log_slope(name, rejected_h, power))
     tangent = jnp.sum(grad_chosen * d_chosen, -1) + jnp.sum(grad_rejected * d_rejected, -1)
     return jax.nn.softplus(-z), tangent
 
@@ -93,14 +136,6 @@ def _power_group_margin_jvp(primals, tangents):
     grad_rejected = -_member_slopes(rejected_weight, 1.0, -c * rejected_h)
     tangent = jnp.sum(grad_chosen * d_chosen, -1) + jnp.sum(grad_rejected * d_rejected, -1)
     return power_group_margin(*primals), tangent
-
-
-def scaled_gap(scale, a, b):
-    """scale (a - b), finite wherever the true value is: where a - b overflows float32 it is
-    formed as 2 (scale (a/2 - b/2)). The derivative is (scale, -scale) on both branches."""
-    gap = a - b
-    halves = 2.0 * (scale * (0.5 * a - 0.5 * b))
-    return jnp.where(jnp.isfinite(gap), scale * gap, halves)
 
 
 def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.Array,
@@ -133,7 +168,7 @@ def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
       ValueError: mismatched shapes, beta <= 0, an inadmissible or unknown divergence
         (total_variation / chi_squared: Theorem 1), alpha outside (0, 1).
 
-    beta and alpha are hyper-parameters: no gradient flows into them for forward KL / alpha.
+    beta and alpha are hyper-parameters: no gradient flows into them.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -143,16 +178,11 @@ def fdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     check_same_shape(chosen_h=chosen_h, rejected_h=rejected_h)
     check_positive("beta", beta)
     div = get_divergence(divergence, alpha=alpha)
-    if div.power is not None:  # forward KL / alpha: f' ~ -e^(-c h)/c, see power_group_loss
-        beta, power = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power)))
-        h_w, h_l = as_float32(chosen_h)[..., None], as_float32(rejected_h)[..., None]
-        ones = jnp.ones_like(h_w)  # groups of one member: mean f'(u) = f'(u)
-        return power_group_loss(h_w, h_l, ones, ones, beta, power)
-    if div.name == "reverse_kl":  # beta (h_w - h_l), finite even where h_w - h_l overflows
-        z = scaled_gap(beta, as_float32(chosen_h), as_float32(rejected_h))
-    else:  # jsd: |f'(u_w) - f'(u_l)| <= float32 max
-        z = beta * div.f_prime_difference(chosen_h, rejected_h)
-    return jax.nn.softplus(-z)  # -log sigmoid(beta (f'(u_w) - f'(u_l))), eq. 2.2
+    beta, power = jax.lax.stop_gradient(
+        (as_float32(beta), as_float32(0.0 if div.power is None else div.power)))
+    h_w, h_l = as_float32(chosen_h)[..., None], as_float32(rejected_h)[..., None]
+    ones = jnp.ones_like(h_w)  # groups of one member: mean f'(u) = f'(u)
+    return group_loss(div.name, h_w, h_l, ones, ones, beta, power)  # eq. 2.2
 
 
 def ipo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ import numpy as np
 
 from alignax._checks import as_float32, check_positive, check_rank
 from alignax.divergences import _softplus_difference, get_divergence, scaled_exp
-from alignax.objectives.fdpo import nll_loss, power_group_loss, power_group_margin, scaled_gap
+from alignax.objectives.fdpo import group_loss, nll_loss, power_group_margin
 
 
 def _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask):
@@ -130,11 +130,10 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     for the population mDPO objective (the sigmoid is non-linear, §3.5.2).
 
     Numerics as in `fdpo_loss`: no NaN for finite inputs, the loss inf only where its true
-    value exceeds float32, gradients finite wherever the true ones are (for forward KL / alpha
-    the derivative -(beta/K) sigmoid(-z) e^(-a h_w,k) of a chosen member is written out), and
-    alpha -> 0 tends to reverse KL to float32 accuracy (the group means of u^-a are formed
-    through expm1 / log1p of -a (h - min h)). beta and alpha get no gradient for forward KL /
-    alpha.
+    value exceeds float32, gradients finite wherever the true ones are (the derivative
+    -(beta/K) sigmoid(-z) f''(h_w,k) of a chosen member is written out), and alpha -> 0 tends
+    to reverse KL to float32 accuracy (the group means of u^-a are formed through expm1 /
+    log1p of -a (h - min h)). beta and alpha get no gradient.
 
     Args:
       chosen_h: [B, K] log-ratios of the preferred group (any float dtype; computed in f32).
@@ -159,13 +158,10 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     div = get_divergence(divergence, alpha=alpha)
     empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
                                                       rejected_mask)
-    if div.power is not None:  # forward KL / alpha: see `power_group_loss`
-        beta, power = jax.lax.stop_gradient((as_float32(beta), as_float32(div.power)))
-        loss = power_group_loss(h_w, h_l, _weights(valid_w), _weights(valid_l), beta, power)
-    else:
-        mean_w, mean_l = _group_means(div, h_w, h_l, valid_w, valid_l)
-        loss = jax.nn.softplus(-scaled_gap(beta, mean_w, mean_l))  # -log sigmoid(beta margin)
-    return jnp.where(empty, 0.0, loss)
+    beta, power = jax.lax.stop_gradient(
+        (as_float32(beta), as_float32(0.0 if div.power is None else div.power)))
+    loss = group_loss(div.name, h_w, h_l, _weights(valid_w), _weights(valid_l), beta, power)
+    return jnp.where(empty, 0.0, loss)  # -log sigmoid(beta margin)
 
 
 def _median_member(h, valid):
@@ -177,39 +173,39 @@ def _median_member(h, valid):
 
 
 def _mipo_slots(name, h, valid, c, power):
-    """The mIPO quantities as v = mantissa e^(2 half_exponent) 2^kappa, without cancellation.
+    """The mIPO quantities as v = m 2^k e^(2 half), without cancellation or overflow.
 
     Slots [B, N + 1]: the members' implicit rewards shifted by the median member t,
     y = g(h) - g(t) (the loss depends on differences of g only), then the target c = 1/(2 tau).
     Shifting by a member makes y exact where members are close (and alpha -> 0 exact, where
-    g = -u^-a / a is a huge constant plus a tiny difference). Reverse KL / JSD: y / 2 by
-    halves (no overflow), all slots divided by one power of two (exact). Forward KL / alpha:
-    y = -(e^(-a h) - e^(-a t))/a = (bracket / a) e^(-a min(h, t)) with the bracket from expm1,
-    its exponent kept apart, so products of slots never overflow in between.
+    g = -u^-a / a is a huge constant plus a tiny difference). Reverse KL / JSD: y formed by
+    halves (no overflow), half = 0. Forward KL / alpha: y = -(e^(-a h) - e^(-a t))/a =
+    (-bracket / a) e^(-a min(h, t)) with the bracket from expm1, its exponent kept apart.
+    Every m is normalised to [1/2, 1) by frexp (exact), so products of slots never over- or
+    underflow in between.
 
-    Returns (mantissa, half_exponent, kappa [B] int32, log_slope): log_slope = log g'(h) per
-    member (0 for the target); padded members have mantissa 0.
+    Returns (m, k int32, half, log_slope): log_slope = log g'(h) per member (0 for the
+    target); padded members have m = 0.
     """
     t = _median_member(h, valid)[:, None]
+    zero = jnp.zeros_like(t)
     if name in ("forward_kl", "alpha"):  # g(h) = -e^(-a h)/a
         d = -power * (h - t)
         bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
-        mantissa = jnp.concatenate([-bracket / power, c[:, None]], axis=-1)
-        half = jnp.concatenate([-0.5 * power * jnp.minimum(h, t), jnp.zeros_like(t)], axis=-1)
-        log_slope = -power * h  # g'(h) = e^(-a h)
+        raw = jnp.concatenate([-bracket / power, c[:, None]], axis=-1)
+        half = jnp.concatenate([-0.5 * power * jnp.minimum(h, t), zero], axis=-1)
+        log_slope, shift = -power * h, 0  # g'(h) = e^(-a h)
     else:
         if name == "reverse_kl":  # g(h) = h
             y_half, log_slope = 0.5 * h - 0.5 * t, jnp.zeros_like(h)
         else:  # jsd: g(h) = log sigmoid(h), g'(h) = sigmoid(-h)
             y_half, log_slope = 0.5 * _softplus_difference(-t, -h), -jax.nn.softplus(h)
-        mantissa = jnp.concatenate([y_half, 0.5 * c[:, None]], axis=-1)  # v / 2
-        half = jnp.zeros_like(mantissa)
+        raw = jnp.concatenate([y_half, 0.5 * c[:, None]], axis=-1)  # v / 2
+        half, shift = jnp.zeros_like(raw), 1
     valid = jnp.concatenate([valid, jnp.ones_like(t, bool)], axis=-1)
-    mantissa = jnp.where(valid, mantissa, 0.0)
-    _, k = jnp.frexp(jnp.max(jnp.abs(mantissa), axis=-1))  # every |mantissa| / 2^k <= 1
-    kappa = k + (0 if name in ("forward_kl", "alpha") else 1)
-    log_slope = jnp.concatenate([log_slope, jnp.zeros_like(t)], axis=-1)
-    return jnp.ldexp(mantissa, -k[:, None]), half, kappa, log_slope
+    m, k = jnp.frexp(jnp.where(valid, raw, 0.0))
+    log_slope = jnp.concatenate([log_slope, zero], axis=-1)
+    return m, k + shift, half, log_slope
 
 
 def _mipo_coefficients(valid_w, valid_l, unbiased):
@@ -240,48 +236,57 @@ def _mipo_coefficients(valid_w, valid_l, unbiased):
     return lam, jnp.where(corrected & (jnp.asarray(group) < 2)[None, :, None], u, q)
 
 
-def _signed_exp_sum(mantissa, half_exponent):
-    """sum over the last axis of mantissa e^(2 half_exponent), as (s, top) with value
-    s e^(2 top); every term is scaled by the largest exponent among non-zero terms."""
-    live = mantissa != 0.0
-    top = jnp.max(jnp.where(live, half_exponent, -jnp.inf), axis=-1)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    scaled = jnp.exp(2.0 * jnp.where(live, half_exponent - top[..., None], 0.0))
-    return jnp.sum(jnp.where(live, mantissa * scaled, 0.0), axis=-1), top
+_LN2 = math.log(2.0)
 
 
-def _from_signed(s, top, kappa, log_space):
-    """s e^(2 top) 2^kappa as float32, inf only where it exceeds float32 (exact when not
-    `log_space`, where top is 0)."""
-    if not log_space:  # top <= 0 here (the log of a slope <= 1)
-        return jnp.ldexp(s * jnp.exp(2.0 * top), kappa)
-    magnitude = scaled_exp(jnp.ldexp(jnp.abs(s), kappa),
-                           jnp.log(jnp.abs(s)) + kappa * math.log(2.0), 2.0 * top)
-    return jnp.sign(s) * magnitude
+def _signed_sum(terms, k, half, log_space):
+    """sum over the last axis of terms 2^k e^(2 half), as (s, k_top, half_top) with value
+    s 2^k_top e^(2 half_top): every term is scaled relative to the largest live one, exactly
+    (ldexp) when `log_space` is False (then half is 0)."""
+    live = terms != 0.0
+    score = k * (0.5 * _LN2) + half if log_space else k.astype(jnp.float32)
+    top = jnp.argmax(jnp.where(live, score, -jnp.inf), axis=-1)[..., None]
+    k_top = jnp.take_along_axis(k, top, axis=-1)
+    half_top = jnp.take_along_axis(half, top, axis=-1)
+    if log_space:
+        scaled = terms * jnp.exp(jnp.where(live, 2.0 * (half - half_top) + (k - k_top) * _LN2,
+                                           0.0))
+    else:
+        scaled = jnp.ldexp(terms, jnp.where(live, k - k_top, 0))
+    s = jnp.sum(jnp.where(live, scaled, 0.0), axis=-1)
+    return s, k_top[..., 0], half_top[..., 0]
 
 
-def _quadratic(q, mantissa, half, kappa, log_space):
-    """sum_ab q_ab v_a v_b [B] for v = mantissa e^(2 half) 2^kappa."""
-    b = q.shape[0]
-    terms = (q * mantissa[:, :, None] * mantissa[:, None, :]).reshape(b, -1)
-    s, top = _signed_exp_sum(terms, (half[:, :, None] + half[:, None, :]).reshape(b, -1))
-    return _from_signed(s, top, 2 * kappa, log_space)
+def _assemble(s, k, x=None):
+    """s 2^k e^x as float32 (exact ldexp when x is None), inf only beyond float32."""
+    if x is None:
+        return jnp.ldexp(s, k)
+    return jnp.sign(s) * scaled_exp(jnp.abs(s), jnp.log(jnp.abs(s)) + k * _LN2, x, k)
+
+
+def _quadratic(q, m, k, half, log_space):
+    """sum_ab q_ab v_a v_b [B] for v = m 2^k e^(2 half)."""
+    flat = (q.shape[0], q.shape[1] * q.shape[2])  # [B, (N + 1)^2]
+    s, k_top, half_top = _signed_sum((q * m[:, :, None] * m[:, None, :]).reshape(flat),
+                                     (k[:, :, None] + k[:, None, :]).reshape(flat),
+                                     (half[:, :, None] + half[:, None, :]).reshape(flat),
+                                     log_space)
+    return _assemble(s, k_top, 2.0 * half_top if log_space else None)
 
 
 def _mipo_value(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
     valid_w, valid_l = valid_w > 0, valid_l > 0
-    mantissa, half, kappa, _ = _mipo_slots(name, jnp.concatenate([h_w, h_l], -1),
-                                           jnp.concatenate([valid_w, valid_l], -1), c, power)
+    m, k, half, _ = _mipo_slots(name, jnp.concatenate([h_w, h_l], -1),
+                                jnp.concatenate([valid_w, valid_l], -1), c, power)
     lam, q = _mipo_coefficients(valid_w, valid_l, unbiased)
     log_space = name in ("forward_kl", "alpha")
     if unbiased:
-        return _quadratic(q, mantissa, half, kappa, log_space)
-    s, top = _signed_exp_sum(lam * mantissa, half)  # D, formed directly: D^2 is then exact
-    squared = jnp.where(s == 0.0, 0.0, s * s)
+        return _quadratic(q, m, k, half, log_space)
+    s, k_top, half_top = _signed_sum(lam * m, k, half, log_space)  # D, formed directly
     if not log_space:
-        return jnp.ldexp(squared, 2 * kappa)
-    return scaled_exp(jnp.ldexp(squared, 2 * kappa),
-                      2.0 * jnp.log(jnp.abs(s)) + 2 * kappa * math.log(2.0), 4.0 * top)
+        return jnp.square(jnp.ldexp(s, k_top))
+    return scaled_exp((jnp.abs(s), jnp.abs(s)), 2.0 * (jnp.log(jnp.abs(s)) + k_top * _LN2),
+                      4.0 * half_top, 2 * k_top)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -289,7 +294,7 @@ def _mipo(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
     """mIPO per example [B] on sanitised groups (`_group_inputs`; valid_* as float 0/1).
 
     The derivative is written out: dL/dg_a = 2 sum_b Q_ab v_b (= 2 lam_a D when biased), times
-    g'(h_a), as one signed sum of exponentials, so it is finite wherever the true one is; the
+    g'(h_a), as one signed sum of scaled terms, so it is finite wherever the true one is; the
     target c = 1/(2 tau) gets its derivative too, power none.
     """
     return _mipo_value(name, unbiased, h_w, h_l, valid_w, valid_l, c, power)
@@ -299,16 +304,21 @@ def _mipo(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
 def _mipo_jvp(name, unbiased, primals, tangents):
     h_w, h_l, valid_w, valid_l, c, power = primals
     d_w, d_l, _, _, d_c, _ = tangents
-    mantissa, half, kappa, log_slope = _mipo_slots(
+    m, k, half, log_slope = _mipo_slots(
         name, jnp.concatenate([h_w, h_l], -1), jnp.concatenate([valid_w > 0, valid_l > 0], -1),
         c, power)
     _, q = _mipo_coefficients(valid_w > 0, valid_l > 0, unbiased)
-    # d loss / d h_a = g'(h_a) 2 sum_b Q_ab v_b, each term with exponent 2 (half_b) + log g'_a
-    s, top = _signed_exp_sum(2.0 * q * mantissa[:, None, :],
-                             half[:, None, :] + 0.5 * log_slope[:, :, None])
-    grads = _from_signed(s, top, kappa[:, None], name in ("forward_kl", "alpha"))  # [B, N + 1]
-    k, l = h_w.shape[-1], h_l.shape[-1]
-    tangent = (jnp.sum(grads[:, :k] * d_w, -1) + jnp.sum(grads[:, k:k + l] * d_l, -1)
+    # d loss / d h_a = g'(h_a) 2 sum_b Q_ab v_b: terms 2 Q_ab m_b 2^(k_b) e^(2 half_b) g'(h_a)
+    terms, ks = 2.0 * q * m[:, None, :], jnp.broadcast_to(k[:, None, :], q.shape)
+    if name in ("forward_kl", "alpha"):
+        s, k_top, half_top = _signed_sum(terms, ks, half[:, None, :] + 0.5 * log_slope[..., None],
+                                         True)
+        grads = _assemble(s, k_top, 2.0 * half_top)
+    else:
+        s, k_top, _ = _signed_sum(terms, ks, jnp.zeros(q.shape), False)
+        grads = _assemble(s, k_top, None if name == "reverse_kl" else log_slope)
+    kw, kl = h_w.shape[-1], h_l.shape[-1]
+    tangent = (jnp.sum(grads[:, :kw] * d_w, -1) + jnp.sum(grads[:, kw:kw + kl] * d_l, -1)
                + grads[:, -1] * d_c)
     return _mipo_value(name, unbiased, *primals), tangent
 
@@ -345,9 +355,9 @@ def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: f
     if unbiased:  # var_w/K + var_l/L = D^2 - loss, as its own quadratic form (no cancellation)
         args = jax.lax.stop_gradient((jnp.concatenate([h_w, h_l], -1),
                                       jnp.concatenate([valid_w, valid_l], -1) > 0, c, power))
-        mantissa, half, kappa, _ = _mipo_slots(div.name, *args)
+        m, k, half, _ = _mipo_slots(div.name, *args)
         lam, q = _mipo_coefficients(valid_w > 0, valid_l > 0, True)
-        correction = _quadratic(lam[:, :, None] * lam[:, None, :] - q, mantissa, half, kappa,
+        correction = _quadratic(lam[:, :, None] * lam[:, None, :] - q, m, k, half,
                                 div.power is not None)
         correction = jnp.where(empty, 0.0, correction)
     single = (jnp.sum(chosen_mask, -1) == 1).astype(jnp.int32) + (jnp.sum(rejected_mask, -1) == 1)
