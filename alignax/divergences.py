@@ -357,7 +357,8 @@ def get_divergence(name: str, *, alpha: float | jax.Array | None = None,
     """Validates `name` / `alpha` and returns the Divergence.
 
     Raises:
-      ValueError: unknown name; alpha missing, given for another divergence, or not in (0, 1);
+      ValueError: unknown name; alpha missing, given for another divergence, not in (0, 1) or
+        below float32's smallest normal number;
         total_variation / chi_squared when `admissible_only` (Theorem 1).
     """
     if name not in ADMISSIBLE + INADMISSIBLE:
@@ -372,6 +373,10 @@ def get_divergence(name: str, *, alpha: float | jax.Array | None = None,
                 f"alpha must be in (0, 1) (alpha -> 0 is reverse_kl, alpha -> 1 is forward_kl), "
                 f"got {alpha!r}"
             )
+        if isinstance(alpha, (int, float)) and alpha < jnp.finfo(jnp.float32).tiny:
+            raise ValueError(f"alpha={alpha!r} is below float32's smallest normal number "
+                             f"({jnp.finfo(jnp.float32).tiny:.3g}), which compiled code flushes "
+                             f"to 0; use divergence='reverse_kl' (the alpha -> 0 limit)")
     elif alpha is not None:
         raise ValueError(f"alpha={alpha!r} was given but divergence={name!r} takes no alpha")
     return Divergence(name, alpha)

@@ -321,3 +321,68 @@ def test_group_nll_composes():
     np.testing.assert_allclose(g_h, g_h_alone, rtol=1e-6)
     assert np.all(np.asarray(g_lp)[~mw] == 0.0) and np.all(np.isfinite(g_lp))
     assert math.isclose(float(jnp.sum(nll(logps, tok_mask, np.zeros((B, K), bool)))), 0.0)
+
+
+# ---------------------------------------------------------------- issue 16 reproductions
+def test_forward_kl_empty_group_has_zero_gradient_at_any_h():
+    """An example whose rejected group is empty gives 0 with no gradient, also where e^(-a h)
+    of the other group overflows (was NaN at h <= -89, and at h <= -667 for alpha = 0.5)."""
+    for divergence, alpha, h in (("forward_kl", None, -100.0), ("alpha", 0.5, -667.0),
+                                 ("forward_kl", None, -3e38)):
+        def loss(hw, hl):
+            return jnp.sum(mdpo_loss(hw, hl, beta=1.0, chosen_mask=jnp.array([[True]]),
+                                     rejected_mask=jnp.array([[False]]), divergence=divergence,
+                                     alpha=alpha))
+        value, grads = jax.value_and_grad(loss, (0, 1))(jnp.array([[h]]), jnp.array([[0.0]]))
+        assert float(value) == 0.0 and float(grads[0][0, 0]) == 0.0 and float(grads[1][0, 0]) == 0
+
+
+def test_forward_kl_gradient_is_finite_next_to_an_overflowing_member():
+    """hw = [-1e4, 0], hl = [0]: the loss overflows (inf, its true value), d/dh_w,1 = -inf
+    (true), and d/dh_w,2 = -(1/2) sigmoid(-z) e^0 = -0.5 (was NaN)."""
+    def loss(hw, hl):
+        return jnp.sum(mdpo_loss(hw, hl, beta=1.0, divergence="forward_kl"))
+    value, (g_w, g_l) = jax.value_and_grad(loss, (0, 1))(jnp.array([[-1e4, 0.0]]),
+                                                         jnp.array([[0.0]]))
+    assert float(value) == np.inf
+    np.testing.assert_array_equal(g_w, [[-np.inf, -0.5]])
+    np.testing.assert_array_equal(g_l, [[1.0]])
+
+
+def test_forward_kl_mipo_overflows_to_inf_instead_of_cancelling_to_zero():
+    """mipo([[0, 0]], [[-1e4, -89]], tau=1, forward KL): the U-statistic holds the product
+    e^1e4 e^89 of two distinct rejected members, far beyond float32: inf (was 0 with NaN
+    gradients, D^2 and the variance cancelling). And at [[-80, 0]] the true value -2.77e34 is
+    a float32 number (was 0)."""
+    def loss(hw, hl):
+        return jnp.sum(mipo_loss(hw, hl, tau=1.0, divergence="forward_kl"))
+    value, (g_w, g_l) = jax.value_and_grad(loss, (0, 1))(jnp.array([[0.0, 0.0]]),
+                                                         jnp.array([[-1e4, -89.0]]))
+    assert float(value) == np.inf
+    want = ref.mipo("forward_kl", None, np.float32(1.0), True, [0.0, 0.0], [-1e4, -89.0])
+    ref.assert_close(np.concatenate([g_w[0], g_l[0]]), want[1] + want[2], want[4] + want[5], 8)
+    want = ref.mipo("forward_kl", None, np.float32(1.0), True, [0.0, 0.0], [-80.0, 0.0])
+    value = loss(jnp.array([[0.0, 0.0]]), jnp.array([[-80.0, 0.0]]))
+    ref.assert_close(value, want[0], want[3], 8)
+    assert want[0] == pytest.approx(-2.7703112e34, rel=1e-6)
+
+
+def test_alpha_near_zero_is_accurate_and_tends_to_reverse_kl():
+    """alpha = 1e-5 / 1e-7 gave 0.135186 / 0.25 for mIPO where the exact value (and the
+    reverse-KL limit) is 0.145000: now within float32 rounding of the exact value, and mDPO at
+    alpha = 1e-7 within the rounding of its inputs (values and gradients, 60-digit reference)."""
+    hw, hl = np.float32([[0.0, -0.5, 0.25]]), np.float32([[-0.3, 0.1]])
+    for alpha in (1e-5, 1e-7):
+        a32 = np.float32(alpha)
+        got = mipo_loss(hw, hl, tau=1.0, divergence="alpha", alpha=alpha)
+        want = ref.mipo("alpha", a32, np.float32(1.0), True, hw[0], hl[0])
+        ref.assert_close(got, want[0], want[3], 8)
+        assert abs(float(got[0]) - 0.145) < 1e-5  # the reverse-KL limit, O(alpha) away
+        for scale, beta in ((1.0, 1.0), (100.0, 30.0), (-100.0, 30.0)):
+            def f(a, b, beta=beta, alpha=alpha):
+                return jnp.sum(mdpo_loss(a, b, beta=beta, divergence="alpha", alpha=alpha))
+            value, (g_w, g_l) = jax.value_and_grad(f, (0, 1))(hw * scale, hl * scale)
+            want = ref.group_dpo("alpha", a32, np.float32(beta), hw[0] * scale, hl[0] * scale)
+            ref.assert_close(value, want[0], want[3], 8)
+            ref.assert_close(np.concatenate([g_w[0], g_l[0]]), want[1] + want[2],
+                             want[4] + want[5], 8)

@@ -23,7 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from alignax._checks import as_float32, check_positive, check_rank, check_same_shape
+from alignax._checks import (as_float32, check_positive, check_rank, check_same_shape,
+                             masked_mean)
 from alignax.divergences import Divergence, get_divergence, scaled_exp
 from alignax.objectives.fdpo import _power_group_z, fdpo_loss, log_slope
 
@@ -40,19 +41,6 @@ def _mask(where, shape: tuple[int, ...], name: str) -> jax.Array:
     if tuple(jnp.shape(where)) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(jnp.shape(where))}")
     return jnp.asarray(where).astype(bool)
-
-
-def _masked_mean(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
-    """Mean of x over `axis` where mask; 0 (with zero gradient) where mask is empty. Each term
-    is divided by the count before summing, and the sum is kept within the range of the terms,
-    so it is finite for finite x even where the mean is float32's largest number."""
-    count = jnp.maximum(jnp.sum(mask, axis=axis, keepdims=True), 1)
-    half = jnp.sum(jnp.where(mask, 0.5 * x / count, 0.0), axis=axis)  # cannot overflow
-    low = jnp.min(jnp.where(mask, x, jnp.inf), axis=axis, initial=jnp.inf)
-    high = jnp.max(jnp.where(mask, x, -jnp.inf), axis=axis, initial=-jnp.inf)
-    value = jnp.where(jnp.any(mask, axis=axis), jnp.clip(2.0 * half, low, high), 0.0)
-    # the value, with the derivative of the plain mean (1/count per term)
-    return jax.lax.stop_gradient(value) + 2.0 * (half - jax.lax.stop_gradient(half))
 
 
 def _half_residual(name, h_1, h_2, r_1, r_2, beta, power):
@@ -227,7 +215,7 @@ def forward_kl_estimate(reference_h: jax.Array, *, where: jax.Array | None = Non
       float32 scalar (0 when every entry is masked).
     """
     mask = _mask(where, jnp.shape(reference_h), "reference_where")
-    return _masked_mean(-as_float32(reference_h), mask, axis=None)
+    return masked_mean(-as_float32(reference_h), mask, axis=None)
 
 
 def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: jax.Array,
@@ -380,7 +368,7 @@ def pessimistic_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: fl
             raise ValueError(f"reference_h must have shape [B] or [B, K] with B = "
                              f"{jnp.shape(chosen_h)[0]}, got {jnp.shape(reference_h)}")
         ref = as_float32(reference_h).reshape(jnp.shape(chosen_h)[0], -1)  # [B, K]
-        penalty = -_masked_mean(ref, jnp.broadcast_to(mask[:, None], ref.shape), axis=1)  # [B]
+        penalty = -masked_mean(ref, jnp.broadcast_to(mask[:, None], ref.shape), axis=1)  # [B]
     dpo = fdpo_loss(chosen_h, rejected_h, beta=beta, divergence=divergence, alpha=alpha)
     # 004 eq. 13. Where dpo is beyond float32 (then it is linear in beta: softplus(-z) = -z)
     # and gamma * penalty below -float32 max, the value is the same sum at scale 2^-k.

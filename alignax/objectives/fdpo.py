@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from alignax._checks import as_float32, check_positive, check_same_shape
+from alignax._checks import as_float32, check_positive, check_same_shape, masked_mean
 from alignax.divergences import Divergence, get_divergence, scaled_exp
 
 
@@ -112,6 +112,7 @@ def _group_loss_jvp(name, primals, tangents):
     d_chosen, d_rejected = tangents[:2]
     z = _group_z(name, *primals)
     log_sigmoid = -jax.nn.softplus(z)[..., None]  # log sigmoid(-z), [B, 1]
+    scale = jnp.expand_dims(scale, -1) if jnp.ndim(scale) else scale  # per example: [B, 1]
     grad_chosen = -_member_slopes(chosen_weight, scale,
                                   log_sigmoid + log_slope(name, chosen_h, power))
     grad_rejected = _member_slopes(rejected_weight, scale,
@@ -218,7 +219,6 @@ def nll_loss(token_logps: jax.Array, mask: jax.Array) -> jax.Array:
       [B] float32.
     """
     check_same_shape(token_logps=token_logps, mask=mask)
-    mask = jnp.asarray(mask).astype(jnp.float32)
-    logps = jnp.where(mask > 0, as_float32(token_logps), 0.0)  # keep -inf at padding out
-    count = jnp.sum(mask, axis=-1)  # [B]
-    return -jnp.sum(logps * mask, axis=-1) / jnp.maximum(count, 1.0)
+    mask = jnp.asarray(mask) != 0
+    logps = jnp.where(mask, as_float32(token_logps), 0.0)  # keep -inf at padding out
+    return -masked_mean(logps, mask, axis=-1)  # finite even for log-probs near -float32 max
