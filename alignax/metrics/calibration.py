@@ -177,17 +177,20 @@ def sampled_ece(probs: jax.Array, labels: jax.Array, *, key: jax.Array, n_bins: 
     return binned_ece(conf, pred == labels, n_bins=n_bins, where=where)
 
 
-def _xlog1py(x: jax.Array, y: jax.Array) -> jax.Array:
-    """x log1p(y) with 0 log1p(y) = 0 (also at y = -1, where log1p is -inf)."""
-    return jnp.where(x > 0, x * jnp.log1p(jnp.where(x > 0, y, 0.0)), 0.0)
+def _x_log_ratio(x: jax.Array, num: jax.Array, den: jax.Array) -> jax.Array:
+    """x log(num / den) for num, den >= 0, with 0 log(.) = 0 and inf where x > 0 = den.
 
-
-def _relative_entropy(p: jax.Array, q: jax.Array) -> jax.Array:
-    """p log(p/q) elementwise (inf where p > 0 = q, 0 where p = 0), as p log1p((p - q)/q):
-    exactly 0 where p = q, on any backend (a rounded p/q and log would leave ~1e-8, which the
-    square roots of Pinsker's bounds magnify to ~1e-4)."""
-    ratio = (p - q) / jnp.where(q > 0, q, 1.0)
-    return jnp.where((p > 0) & (q == 0), jnp.inf, _xlog1py(p, ratio))
+    Near num = den it is x log1p((num - den) / den), exactly 0 at num = den on any backend (a
+    rounded num / den and log would leave ~1e-8, which the square roots of Pinsker's bounds
+    magnify to ~1e-4); farther apart x (log num - log den), which keeps tiny ratios.
+    """
+    positive = x > 0
+    t = (num - den) / jnp.where(den > 0, den, 1.0)
+    near = jnp.abs(t) < 0.5
+    log_near = jnp.log1p(jnp.where(near, t, 0.0))
+    log_far = (jnp.log(jnp.where(num > 0, num, 1.0)) - jnp.log(jnp.where(den > 0, den, 1.0)))
+    value = x * jnp.where(near, log_near, log_far)
+    return jnp.where(positive, jnp.where(den > 0, value, jnp.inf), 0.0)
 
 
 def ece_difference_bounds(probs_1: jax.Array, probs_2: jax.Array, true_probs: jax.Array, *,
@@ -226,13 +229,13 @@ def ece_difference_bounds(probs_1: jax.Array, probs_2: jax.Array, true_probs: ja
     diff = jnp.abs(p1 - p2)  # [B, N]
     envelope = (p1 + p2 + a1 + a2) / 2.0  # [B, N]
     tv = 0.5 * jnp.sum(diff, axis=-1)  # [B]
-    kl_12 = jnp.sum(_relative_entropy(p1, p2), axis=-1)  # [B]
-    kl_21 = jnp.sum(_relative_entropy(p2, p1), axis=-1)
-    # JS = (KL(p1 || m) + KL(p2 || m)) / 2 with m = (p1 + p2)/2: p_i / m = 1 +/- t for
-    # t = (p1 - p2) / (p1 + p2), so each term is p_i log1p(+/- t), exactly 0 where p1 = p2.
+    kl_12 = jnp.sum(_x_log_ratio(p1, p1, p2), axis=-1)  # [B]
+    kl_21 = jnp.sum(_x_log_ratio(p2, p2, p1), axis=-1)
+    # JS = (KL(p1 || m) + KL(p2 || m)) / 2 with m = (p1 + p2)/2, p_i / m = 2 p_i / (p1 + p2):
+    # exactly 0 where p1 = p2 (see _x_log_ratio)
     total = p1 + p2
-    t = (p1 - p2) / jnp.where(total > 0, total, 1.0)
-    js = 0.5 * jnp.sum(_xlog1py(p1, t) + _xlog1py(p2, -t), axis=-1)
+    js = 0.5 * jnp.sum(_x_log_ratio(p1, 2.0 * p1, total) + _x_log_ratio(p2, 2.0 * p2, total),
+                       axis=-1)
     per_context = {
         "inner": jnp.sum(envelope * diff, axis=-1),
         "l1_m": jnp.sum(diff, axis=-1) * jnp.max(envelope, axis=-1),
