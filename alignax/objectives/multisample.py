@@ -386,6 +386,18 @@ def mipo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Ar
     A group with one valid member gets no correction; an example with an empty group gives 0
     (see the module docstring and `mipo_loss_with_metrics`).
 
+    Unbounded below on a fixed data set: a policy that can fit individual responses lowers the
+    unbiased loss without limit by spreading the members of a group apart (their mean, and
+    with it the first term, unchanged; the subtracted variance growing), so minimising it on
+    a fixed data set diverges (tests/test_multisample_theory.py follows gradient descent on a
+    10-arm policy down). The NLL term (`group_nll_loss`), early stopping or parameters shared
+    across responses keep it in check; `unbiased=False` is >= 0.
+
+    Numerics: the loss is formed as U-statistics of the implicit rewards shifted by the median
+    member (no square of a member, so nothing cancels between the square and the variances;
+    alpha -> 0 exact), value and gradient finite wherever the true ones are and inf only
+    beyond float32, the gradient written out. tau gets a gradient, alpha does not.
+
     Args:
       chosen_h: [B, K] log-ratios of the preferred group (any float dtype; computed in f32).
       rejected_h: [B, L] log-ratios of the dispreferred group.
