@@ -89,6 +89,35 @@ def _exp_difference_jvp(primals, tangents):
     return exp_difference(h1, h2, c), tangent
 
 
+def frexp32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(m, e) with x = m 2^e, |m| in [1/2, 1) (0 and e = 0 for x = 0 or subnormal x), exactly,
+    for finite float32 x: the exponent field read off the bits (a handful of XLA ops, where
+    jnp.frexp compiles to dozens)."""
+    bits = jax.lax.bitcast_convert_type(as_float32(x), jnp.int32)
+    field = (bits >> 23) & 0xFF
+    normal = field > 0
+    mantissa = jax.lax.bitcast_convert_type((bits & jnp.int32(-0x7F800001)) | 0x3F000000,
+                                            jnp.float32)  # sign kept, exponent of 1/2
+    return jnp.where(normal, mantissa, 0.0), jnp.where(normal, field - 126, 0)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+    """2^e as float32 for int e in [-126, 127], built from the bits."""
+    return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+def ldexp32(x: jax.Array, e: jax.Array) -> jax.Array:
+    """x 2^e for float32 x and int32 e, overflowing to inf and underflowing to 0 like a
+    product (three in-range powers of two; cheaper to compile than jnp.ldexp)."""
+    e = jnp.clip(e, -3 * 126, 3 * 127)
+    parts = []
+    for _ in range(3):
+        part = jnp.clip(e, -126, 127)
+        parts.append(part)
+        e = e - part
+    return ((x * _pow2(parts[0])) * _pow2(parts[1])) * _pow2(parts[2])
+
+
 _LN2_HI = 0.693115234375  # ln 2 to 12 bits: n * _LN2_HI is exact in float32 for |n| < 2^12
 _LN2_LO = math.log(2.0) - _LN2_HI
 
@@ -115,9 +144,9 @@ def scaled_exp(coef, log_coef: jax.Array, x: jax.Array, exponent=0) -> jax.Array
     r = (y - n * _LN2_HI) - n * _LN2_LO
     mantissa, power = jnp.ones_like(y), exponent + n.astype(jnp.int32)
     for f in factors:
-        m, e = jnp.frexp(jnp.where(normal, f, 1.0))
+        m, e = frexp32(jnp.where(normal, f, 1.0))
         mantissa, power = mantissa * m, power + e
-    return jnp.where(zero, 0.0, jnp.ldexp(mantissa * jnp.exp(r), power))
+    return jnp.where(zero, 0.0, ldexp32(mantissa * jnp.exp(r), power))
 
 
 def _softplus_difference(a: jax.Array, b: jax.Array) -> jax.Array:

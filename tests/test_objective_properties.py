@@ -279,26 +279,31 @@ def test_pessimistic_dpo_matches_mpmath(name, h, where, beta, gamma, alpha, fill
 
 
 # ----------------------------------------------------------------------------- the rest
+@jax.jit
+def _closed_forms(h, margin):
+    """BT loss and gradient, IPO (tau = 1/4), NLL of -|h| ([2, B] as [B', T])."""
+    bt = lambda a: bradley_terry_loss(a, h[1], margin=margin)  # noqa: E731
+    return (bt(h[0]), jax.grad(lambda a: jnp.sum(bt(a)))(h[0]), ipo_loss(h[0], h[1], tau=0.25),
+            nll_loss(-jnp.abs(h), jnp.ones(h.shape, bool)))
+
+
 @given(h=groups(2, B), margin=st.sampled_from([0.0, -3e38, 3e38, 1.0]))
 def test_bradley_terry_ipo_and_nll_match_mpmath(h, margin):
     """BT, IPO and the NLL term over the whole float32 range: never NaN, inf only beyond
     float32, gradients finite (BT's is bounded by 1)."""
     m = np.float32(margin)
-    loss = bradley_terry_loss(h[0], h[1], margin=m)
-    g = jax.grad(lambda a: jnp.sum(bradley_terry_loss(a, h[1], margin=m)))(h[0])
+    loss, g, ipo, nll = _closed_forms(h, m)
     gap = [ref._mp(a) - ref._mp(b) - ref._mp(m) for a, b in zip(*h)]
     want = [ref.mpmath.log1p(ref.mpmath.exp(-x)) for x in gap]
     sens = [w + (abs(float(a)) + abs(float(b)) + abs(float(m))) / (1 + ref.mpmath.exp(x))
             for w, x, a, b in zip(want, gap, *h)]  # sigmoid(-gap) per unit of each input
     ref.assert_close(loss, [float(w) for w in want], [float(v) for v in sens], ROUNDINGS)
     assert not np.isnan(g).any() and (np.abs(g) <= 1).all()
-    ipo = ipo_loss(h[0], h[1], tau=np.float32(0.25))  # (h_w - h_l - 2)^2
-    d = [ref._mp(a) - ref._mp(b) - 2 for a, b in zip(*h)]
+    d = [ref._mp(a) - ref._mp(b) - 2 for a, b in zip(*h)]  # IPO: (h_w - h_l - 2)^2
     ref.assert_close(ipo, [float(x * x) for x in d],
                      [float(x * x + 2 * abs(x) * (abs(float(a)) + abs(float(b)) + 2))
                       for x, a, b in zip(d, *h)], ROUNDINGS)
-    logps = -np.abs(h)  # log-probabilities <= 0, down to -float32 max; [2, B] as [B', T]
-    nll = nll_loss(logps, np.ones_like(logps, bool))
+    logps = -np.abs(h)
     ref.assert_close(nll, -np.mean(np.float64(logps), 1), np.mean(np.abs(np.float64(logps)), 1),
                      ROUNDINGS)
 
@@ -331,15 +336,16 @@ def test_batch_of_zero_examples(name, alpha):
     assert float(out[7]) == 0.0
 
 
-@pytest.mark.parametrize("name,alpha", LINEAR_AND_POWER)
-def test_bf16_inputs_give_the_float32_result_of_their_values(name, alpha):
+def test_bf16_inputs_give_the_float32_result_of_their_values():
     """bf16 log-ratios (an LM's dtype) are computed in float32: the result equals that of the
-    float32 values they hold, and gradients come back in bf16, the float32 ones rounded."""
-    kw = dict(divergence=name, alpha=alpha)
-    families = (lambda a, b: fdpo_loss(a[:, 0], b[:, 0], beta=0.1, **kw),
-                lambda a, b: mdpo_loss(a, b, beta=0.1, **kw),
-                lambda a, b: mipo_loss(a, b, tau=0.1, **kw),
-                lambda a, b: distill_loss(a[:, 0], b[:, 0], a[:, 1], b[:, 1], beta=0.1, **kw))
+    float32 values they hold, and gradients come back in bf16, the float32 ones rounded. The
+    conversion happens before any divergence-specific code; each family is run with another
+    divergence (mIPO: tests/test_multisample.py::test_bf16_inputs_are_computed_in_float32)."""
+    families = (lambda a, b: fdpo_loss(a[:, 0], b[:, 0], beta=0.1, divergence="forward_kl"),
+                lambda a, b: mdpo_loss(a, b, beta=0.1, divergence="alpha", alpha=0.3),
+                lambda a, b: pessimistic_dpo_loss(a[:, 0], b[:, 0], beta=0.1, gamma=0.5,
+                                                  divergence="jsd"),
+                lambda a, b: distill_loss(a[:, 0], b[:, 0], a[:, 1], b[:, 1], beta=0.1))
 
     def run(h):
         return [(fn(h, h[::-1]), jax.grad(lambda a: jnp.sum(fn(a, h[::-1])))(h))

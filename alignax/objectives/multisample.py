@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignax._checks import as_float32, check_positive, check_rank
-from alignax.divergences import _softplus_difference, get_divergence, scaled_exp
+from alignax.divergences import (_softplus_difference, frexp32, get_divergence, ldexp32,
+                                 scaled_exp)
 from alignax.objectives.fdpo import group_loss, nll_loss, power_group_margin
 
 
@@ -172,155 +173,233 @@ def _median_member(h, valid):
     return jnp.where(jnp.isfinite(t), t, 0.0)
 
 
-def _mipo_slots(name, h, valid, c, power):
-    """The mIPO quantities as v = m 2^k e^(2 half), without cancellation or overflow.
-
-    Slots [B, N + 1]: the members' implicit rewards shifted by the median member t,
-    y = g(h) - g(t) (the loss depends on differences of g only), then the target c = 1/(2 tau).
-    Shifting by a member makes y exact where members are close (and alpha -> 0 exact, where
-    g = -u^-a / a is a huge constant plus a tiny difference). Reverse KL / JSD: y formed by
-    halves (no overflow), half = 0. Forward KL / alpha: y = -(e^(-a h) - e^(-a t))/a =
-    (-bracket / a) e^(-a min(h, t)) with the bracket from expm1, its exponent kept apart.
-    Every m is normalised to [1/2, 1) by frexp (exact), so products of slots never over- or
-    underflow in between.
-
-    Returns (m, k int32, half, log_slope): log_slope = log g'(h) per member (0 for the
-    target); padded members have m = 0.
-    """
-    t = _median_member(h, valid)[:, None]
-    zero = jnp.zeros_like(t)
-    if name in ("forward_kl", "alpha"):  # g(h) = -e^(-a h)/a
-        d = -power * (h - t)
-        bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
-        raw = jnp.concatenate([-bracket / power, c[:, None]], axis=-1)
-        half = jnp.concatenate([-0.5 * power * jnp.minimum(h, t), zero], axis=-1)
-        log_slope, shift = -power * h, 0  # g'(h) = e^(-a h)
-    else:
-        if name == "reverse_kl":  # g(h) = h
-            y_half, log_slope = 0.5 * h - 0.5 * t, jnp.zeros_like(h)
-        else:  # jsd: g(h) = log sigmoid(h), g'(h) = sigmoid(-h)
-            y_half, log_slope = 0.5 * _softplus_difference(-t, -h), -jax.nn.softplus(h)
-        raw = jnp.concatenate([y_half, 0.5 * c[:, None]], axis=-1)  # v / 2
-        half, shift = jnp.zeros_like(raw), 1
-    valid = jnp.concatenate([valid, jnp.ones_like(t, bool)], axis=-1)
-    m, k = jnp.frexp(jnp.where(valid, raw, 0.0))
-    log_slope = jnp.concatenate([log_slope, zero], axis=-1)
-    return m, k + shift, half, log_slope
-
-
-def _mipo_coefficients(valid_w, valid_l, unbiased):
-    """(lam [B, N + 1], Q [B, N + 1, N + 1]): D = sum_a lam_a v_a is mean_w g - mean_l g - c,
-    and the loss is D^2 (biased) or sum_ab Q_ab v_a v_b (unbiased).
-
-    Unbiased (Prop. 1): D^2 - var_w/K - var_l/L = U_w + U_l - 2 mean_w mean_l - 2c (mean_w -
-    mean_l) + c^2 with U = sum_{i != j} g_i g_j / (n (n - 1)) the U-statistic of mean^2 of a
-    group (n >= 2 valid members; a group with one gets no correction, U = g^2). It holds no
-    square of a member, so nothing cancels between D^2 and the variances.
-    """
-    k, l = valid_w.shape[-1], valid_l.shape[-1]
-    n_w, n_l = (jnp.sum(v, axis=-1, keepdims=True).astype(jnp.float32) for v in (valid_w, valid_l))
-    lam = jnp.concatenate([valid_w / jnp.maximum(n_w, 1.0), valid_l / -jnp.maximum(n_l, 1.0),
-                           -jnp.ones_like(n_w)], axis=-1)  # [B, N + 1]
-    q = lam[:, :, None] * lam[:, None, :]
-    if not unbiased:
-        return lam, q
-    group = np.array([0] * k + [1] * l + [2])
-    same = jnp.asarray((group[:, None] == group[None, :]) & (group[:, None] < 2)
-                       & ~np.eye(k + l + 1, dtype=bool))  # distinct members of one group
-    valid = jnp.concatenate([valid_w, valid_l, jnp.ones_like(n_w, bool)], axis=-1)
-    n = jnp.concatenate([jnp.broadcast_to(n_w, valid_w.shape), jnp.broadcast_to(n_l, valid_l.shape),
-                         jnp.ones_like(n_w)], axis=-1)  # [B, N + 1], group size per slot
-    pairs = same & valid[:, :, None] & valid[:, None, :]
-    u = jnp.where(pairs, (1.0 / (n * jnp.maximum(n - 1.0, 1.0)))[:, :, None], 0.0)
-    corrected = jnp.asarray(group[:, None] == group[None, :]) & (n >= 2.0)[:, :, None]
-    return lam, jnp.where(corrected & (jnp.asarray(group) < 2)[None, :, None], u, q)
-
-
 _LN2 = math.log(2.0)
 
 
-def _signed_sum(terms, k, half, log_space):
-    """sum over the last axis of terms 2^k e^(2 half), as (s, k_top, half_top) with value
-    s 2^k_top e^(2 half_top): every term is scaled relative to the largest live one, exactly
-    (ldexp) when `log_space` is False (then half is 0)."""
-    live = terms != 0.0
-    score = k * (0.5 * _LN2) + half if log_space else k.astype(jnp.float32)
-    top = jnp.argmax(jnp.where(live, score, -jnp.inf), axis=-1)[..., None]
-    k_top = jnp.take_along_axis(k, top, axis=-1)
-    half_top = jnp.take_along_axis(half, top, axis=-1)
+# Extended numbers for mIPO: x = m 2^k e^(2 half) as (m, k, half): k int32, and on the linear
+# path (reverse KL / JSD) half is 0 and every rescaling is an exact power of two.
+def _pow2_scale(e):
+    """2^e for int e <= 0 (exactly 0 below 2^-126: a term that far below the largest is lost
+    only where everything larger cancels exactly)."""
+    bits = (jnp.maximum(e, -126) + 127) << 23
+    return jnp.where(e < -126, 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
+
+
+def _x_normal(m, k, half):
+    """(m, k, half) with m renormalised to [1/2, 1) (exact)."""
+    mantissa, exponent = frexp32(m)
+    return mantissa, k + exponent, half
+
+
+def _x_from(value, log_space):
+    """A float32 array as an extended number."""
+    return _x_normal(value, jnp.zeros(jnp.shape(value), jnp.int32), jnp.zeros_like(value))
+
+
+def _x_sum(x, axis, log_space):
+    """sum over `axis`: every term scaled relative to the largest one (by max reductions)."""
+    m, k, half = x
+    live = m != 0.0
     if log_space:
-        scaled = terms * jnp.exp(jnp.where(live, 2.0 * (half - half_top) + (k - k_top) * _LN2,
-                                           0.0))
+        score = jnp.where(live, half + k * (0.5 * _LN2), -jnp.inf)
+        top = jnp.argmax(score, axis=axis, keepdims=True)  # an index: immune to re-rounding
+        is_top = live & (jax.lax.broadcasted_iota(jnp.int32, score.shape, axis % score.ndim)
+                         == top)
+        k_top = jnp.max(jnp.where(is_top, k, -2**30), axis=axis, keepdims=True)
+        half_top = jnp.max(jnp.where(is_top, half, -jnp.inf), axis=axis, keepdims=True)
+        half_top = jnp.where(jnp.isfinite(half_top), half_top, 0.0)
+        # <= 0 by the choice of the top; the clamp keeps it so where the compiler evaluates
+        # half twice with different roundings (at |half| ~ 1e29 one ulp is e^(1e22))
+        factor = jnp.exp(jnp.minimum(jnp.where(live, 2.0 * (half - half_top)
+                                               + (k - k_top) * _LN2, 0.0), 0.0))
     else:
-        scaled = jnp.ldexp(terms, jnp.where(live, k - k_top, 0))
-    s = jnp.sum(jnp.where(live, scaled, 0.0), axis=-1)
-    return s, k_top[..., 0], half_top[..., 0]
+        k_top = jnp.max(jnp.where(live, k, -2**30), axis=axis, keepdims=True)
+        half_top = jnp.zeros_like(jnp.sum(half, axis=axis, keepdims=True))
+        factor = _pow2_scale(jnp.where(live, k - k_top, 0))
+    total = jnp.sum(jnp.where(live, m * factor, 0.0), axis=axis)  # |total| <= count
+    k_top = jnp.where(jnp.any(live, axis=axis, keepdims=True), k_top, 0)
+    return total, jnp.squeeze(k_top, axis), jnp.squeeze(half_top, axis)
 
 
-def _assemble(s, k, x=None):
-    """s 2^k e^x as float32 (exact ldexp when x is None), inf only beyond float32."""
-    if x is None:
-        return jnp.ldexp(s, k)
-    return jnp.sign(s) * scaled_exp(jnp.abs(s), jnp.log(jnp.abs(s)) + k * _LN2, x, k)
+def _x_add(a, b, log_space):
+    return _x_sum(tuple(jnp.stack([u, v], -1) for u, v in zip(a, b)), -1, log_space)
 
 
-def _quadratic(q, m, k, half, log_space):
-    """sum_ab q_ab v_a v_b [B] for v = m 2^k e^(2 half)."""
-    flat = (q.shape[0], q.shape[1] * q.shape[2])  # [B, (N + 1)^2]
-    s, k_top, half_top = _signed_sum((q * m[:, :, None] * m[:, None, :]).reshape(flat),
-                                     (k[:, :, None] + k[:, None, :]).reshape(flat),
-                                     (half[:, :, None] + half[:, None, :]).reshape(flat),
-                                     log_space)
-    return _assemble(s, k_top, 2.0 * half_top if log_space else None)
+def _x_mul(a, b):
+    return a[0] * b[0], a[1] + b[1], a[2] + b[2]
 
 
-def _mipo_value(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
-    valid_w, valid_l = valid_w > 0, valid_l > 0
-    m, k, half, _ = _mipo_slots(name, jnp.concatenate([h_w, h_l], -1),
-                                jnp.concatenate([valid_w, valid_l], -1), c, power)
-    lam, q = _mipo_coefficients(valid_w, valid_l, unbiased)
+def _x_scale(a, coef):
+    """a times a float32 coefficient (|coef| a moderate number)."""
+    return a[0] * coef, a[1], a[2]
+
+
+def _x_leave_one_out(x, log_space):
+    """(sum_{j != i} x_j over the last axis [..., N], the full sum [...]).
+
+    S - x_i loses nothing unless x_i dominates S, i.e. for the largest member; its sum is
+    taken over the others directly (scaled by the second largest), so no leave-one-out sum
+    ever cancels against the member left out.
+    """
+    m, k, half = x
+    total = _x_sum(x, -1, log_space)
+    score = k * (0.5 * _LN2) + half if log_space else k.astype(jnp.float32)
+    score = jnp.where(m != 0.0, score + jnp.log(jnp.abs(m)), -jnp.inf)
+    top = jnp.argmax(score, axis=-1)[..., None] == jnp.arange(m.shape[-1])  # [..., N]
+    rest = _x_sum((jnp.where(top, 0.0, m), k, half), -1, log_space)
+    broadcast = [tuple(jnp.broadcast_to(v[..., None], m.shape) for v in t)
+                 for t in (total, rest)]
+    others = _x_add(broadcast[0], (-m, k, half), log_space)
+    return tuple(jnp.where(top, r, o) for r, o in zip(broadcast[1], others)), total
+
+
+def _x_float(x, log_space, log_slope=None):
+    """x (times e^log_slope) as float32, inf only beyond float32."""
+    m, k, half = x
+    exponent = 2.0 * half if log_space else 0.0
+    if log_slope is not None:
+        exponent = exponent + log_slope
+    if not log_space and log_slope is None:
+        return ldexp32(m, k)
+    return jnp.sign(m) * scaled_exp(jnp.abs(m), jnp.log(jnp.abs(m)) + k * _LN2, exponent, k)
+
+
+def _mipo_members(name, h, valid, power):
+    """The members' implicit rewards shifted by the median member t, y = g(h) - g(t), as
+    extended numbers [B, N], with log g'(h) [B, N]; padded members are 0.
+
+    The loss depends on differences of g only. Shifting by a member makes y exact where members
+    are close (and alpha -> 0 exact, where g = -u^-a / a is a huge constant plus a tiny
+    difference). Reverse KL / JSD: y by halves (no overflow). Forward KL / alpha:
+    y = -(e^(-a h) - e^(-a t))/a = (-bracket / a) e^(-a min(h, t)), the bracket from expm1 and
+    the exponent kept apart.
+    """
+    t = _median_member(h, valid)[:, None]
+    if name in ("forward_kl", "alpha"):  # g(h) = -e^(-a h)/a
+        d = -power * (h - t)
+        bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
+        m, k, _ = _x_normal(jnp.where(valid, -bracket / power, 0.0),
+                            jnp.zeros(h.shape, jnp.int32), None)
+        return (m, k, -0.5 * power * jnp.minimum(h, t)), -power * h  # g'(h) = e^(-a h)
+    if name == "reverse_kl":  # g(h) = h
+        y_half, log_slope = 0.5 * h - 0.5 * t, jnp.zeros_like(h)
+    else:  # jsd: g(h) = log sigmoid(h), g'(h) = sigmoid(-h)
+        y_half, log_slope = 0.5 * _softplus_difference(-t, -h), -jax.nn.softplus(h)
+    m, k, _ = _x_normal(jnp.where(valid, y_half, 0.0), jnp.ones(h.shape, jnp.int32), None)
+    return (m, k, jnp.zeros_like(h)), log_slope
+
+
+def _mipo_parts(name, unbiased, h_w, h_l, valid_w, valid_l, c, power, grads):
+    """(loss [B], d loss / d h [B, K + L], d loss / d c [B]); the gradients only with `grads`.
+
+    With S_G the group sums of y, n_G the group sizes, D = S_w/K - S_l/L - c:
+      biased:   D^2
+      unbiased: W_w + W_l - 2 S_w S_l/(K L) - 2 c S_w/K + 2 c S_l/L + c^2        (Prop. 1)
+    where W = U / (n (n - 1)), U = sum_{i != j} y_i y_j = sum_i y_i (sum_{j != i} y_j), the
+    U-statistic of mean^2 (a group with one member: W = y^2, no correction). No square of a
+    member appears, so nothing cancels between D^2 and the variances; every sum is taken over
+    extended numbers, in O(K + L). The two groups are handled side by side on a [B, 2, N]
+    layout (N = max(K, L), padding members 0).
+    """
     log_space = name in ("forward_kl", "alpha")
+    b, k_w, k_l = h_w.shape[0], h_w.shape[-1], h_l.shape[-1]
+    width = max(k_w, k_l)
+
+    def layout(x, y, fill):  # [B, K], [B, L] -> [B, 2, N]
+        pad = lambda a: jnp.concatenate(  # noqa: E731
+            [a, jnp.full((b, width - a.shape[-1]), fill, a.dtype)], -1)
+        return jnp.stack([pad(x), pad(y)], 1)
+
+    valid = layout(valid_w, valid_l, False)
+    flat, log_slope = _mipo_members(name, layout(h_w, h_l, 0.0).reshape(b, 2 * width),
+                                    valid.reshape(b, 2 * width), power)
+    members = tuple(v.reshape(b, 2, width) for v in flat)
+    n = jnp.sum(valid, -1).astype(jnp.float32)  # [B, 2]
+    sign = jnp.array([1.0, -1.0])
+    loo, sums = _x_leave_one_out(members, log_space)  # [B, 2, N], [B, 2]
+    cx = _x_from(c, log_space)  # [B]
+    d = _x_sum(tuple(jnp.concatenate([u, v[:, None]], -1) for u, v in zip(
+        _x_scale(sums, sign / n), _x_scale(cx, -1.0))), -1, log_space)  # D = S_w/K - S_l/L - c
+    corrected = n >= 2.0  # [B, 2]
+    pairs = n * jnp.maximum(n - 1.0, 1.0)
     if unbiased:
-        return _quadratic(q, m, k, half, log_space)
-    s, k_top, half_top = _signed_sum(lam * m, k, half, log_space)  # D, formed directly
-    if not log_space:
-        return jnp.square(jnp.ldexp(s, k_top))
-    return scaled_exp((jnp.abs(s), jnp.abs(s)), 2.0 * (jnp.log(jnp.abs(s)) + k_top * _LN2),
-                      4.0 * half_top, 2 * k_top)
+        u = _x_sum(_x_mul(members, loo), -1, log_space)  # [B, 2]
+        within = tuple(jnp.where(corrected, p, q) for p, q in zip(
+            _x_scale(u, 1.0 / pairs), _x_scale(_x_mul(sums, sums), 1.0 / jnp.square(n))))
+        s_w, s_l = (tuple(v[:, g] for v in sums) for g in (0, 1))
+        cross = _x_scale(_x_mul(s_w, s_l), -2.0 / (n[:, 0] * n[:, 1]))
+        linear = _x_scale(_x_mul(tuple(v[:, None] for v in cx), sums), -2.0 * sign / n)
+        square = _x_mul(cx, cx)
+        terms = tuple(jnp.concatenate([a, b_[:, None], l_, s_[:, None]], -1)
+                      for a, b_, l_, s_ in zip(within, cross, linear, square))  # [B, 6]
+        loss = _x_float(_x_sum(terms, -1, log_space), log_space)
+    else:
+        loss = _x_float(_x_mul(d, d), log_space)
+    if not grads:
+        return loss, None, None
+    expand = lambda x: tuple(v[..., None] for v in x)  # noqa: E731, [B, 2] -> [B, 2, 1]
+    if unbiased:  # member a of group G: 2 LOO_a/(n(n-1)) - 2 S_other/(K L) - 2 sign c/n
+        own = tuple(jnp.where(corrected[..., None], p, q) for p, q in zip(
+            _x_scale(loo, (2.0 / pairs)[..., None]),
+            expand(_x_scale(sums, 2.0 / jnp.square(n)))))  # a group of one: 2 S / n^2
+        other = tuple(jnp.flip(v, 1) for v in sums)
+        cross = expand(_x_scale(other, -2.0 / (n[:, :1] * n[:, 1:])))
+        target = expand(_x_scale(tuple(v[:, None] for v in cx), -2.0 * sign / n))
+        stacked = tuple(jnp.stack([p, jnp.broadcast_to(q, p.shape), jnp.broadcast_to(r, p.shape)],
+                                  -1) for p, q, r in zip(own, cross, target))
+        dy = _x_sum(stacked, -1, log_space)  # [B, 2, N]
+        d_c = _x_float(_x_sum(tuple(jnp.concatenate([u, v[:, None]], -1) for u, v in zip(
+            _x_scale(sums, -2.0 * sign / n), _x_scale(cx, 2.0))), -1, log_space), log_space)
+    else:  # d/dy_a = 2 D sign_G / n_G, d/dc = -2 D
+        dy = tuple(jnp.broadcast_to(v[:, None, None], members[0].shape) for v in d)
+        dy = _x_scale(dy, (2.0 * sign / n)[..., None])
+        d_c = _x_float(_x_scale(d, -2.0), log_space)
+    d_h = _x_float(tuple(v.reshape(b, 2 * width) for v in dy), log_space,
+                   None if name == "reverse_kl" else log_slope).reshape(b, 2, width)
+    return loss, jnp.concatenate([d_h[:, 0, :k_w], d_h[:, 1, :k_l]], -1), d_c
+
+
+def _mipo_correction(name, h_w, h_l, valid_w, valid_l, c, power):
+    """var_w / K + var_l / L (0 for a group of one), the unbiased estimator's correction, as
+    S^2/n^2 - U/(n (n - 1)) per group of the shifted rewards (a metric: no gradient)."""
+    log_space = name in ("forward_kl", "alpha")
+    k_w = h_w.shape[-1]
+    members, _ = _mipo_members(name, jnp.concatenate([h_w, h_l], -1),
+                               jnp.concatenate([valid_w, valid_l], -1), power)
+    total = 0.0
+    for part, valid in ((slice(0, k_w), valid_w), (slice(k_w, None), valid_l)):
+        x = tuple(v[:, part] for v in members)
+        n = jnp.sum(valid, -1).astype(jnp.float32)
+        loo, s = _x_leave_one_out(x, log_space)
+        u = _x_sum(_x_mul(x, loo), -1, log_space)
+        terms = (_x_scale(_x_mul(s, s), 1.0 / jnp.square(jnp.maximum(n, 1.0))),
+                 _x_scale(u, -1.0 / (n * jnp.maximum(n - 1.0, 1.0))))
+        var = _x_float(_x_sum(tuple(jnp.stack(v, -1) for v in zip(*terms)), -1, log_space),
+                       log_space)
+        total = total + jnp.where(n >= 2.0, var, 0.0)
+    return total
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _mipo(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
-    """mIPO per example [B] on sanitised groups (`_group_inputs`; valid_* as float 0/1).
+    """mIPO per example [B] on sanitised groups (`_group_inputs`; valid_* boolean).
 
-    The derivative is written out: dL/dg_a = 2 sum_b Q_ab v_b (= 2 lam_a D when biased), times
-    g'(h_a), as one signed sum of scaled terms, so it is finite wherever the true one is; the
-    target c = 1/(2 tau) gets its derivative too, power none.
+    The derivative is written out (`_mipo_parts`): d loss / d y_a as one sum of extended
+    numbers (leave-one-out sums that never cancel, `_x_leave_one_out`), times
+    g'(h_a), so it is finite wherever the true one is; the target c = 1/(2 tau) gets its
+    derivative too, power none.
     """
-    return _mipo_value(name, unbiased, h_w, h_l, valid_w, valid_l, c, power)
+    return _mipo_parts(name, unbiased, h_w, h_l, valid_w, valid_l, c, power, grads=False)[0]
 
 
 @_mipo.defjvp
 def _mipo_jvp(name, unbiased, primals, tangents):
-    h_w, h_l, valid_w, valid_l, c, power = primals
+    h_w, h_l = primals[:2]
     d_w, d_l, _, _, d_c, _ = tangents
-    m, k, half, log_slope = _mipo_slots(
-        name, jnp.concatenate([h_w, h_l], -1), jnp.concatenate([valid_w > 0, valid_l > 0], -1),
-        c, power)
-    _, q = _mipo_coefficients(valid_w > 0, valid_l > 0, unbiased)
-    # d loss / d h_a = g'(h_a) 2 sum_b Q_ab v_b: terms 2 Q_ab m_b 2^(k_b) e^(2 half_b) g'(h_a)
-    terms, ks = 2.0 * q * m[:, None, :], jnp.broadcast_to(k[:, None, :], q.shape)
-    if name in ("forward_kl", "alpha"):
-        s, k_top, half_top = _signed_sum(terms, ks, half[:, None, :] + 0.5 * log_slope[..., None],
-                                         True)
-        grads = _assemble(s, k_top, 2.0 * half_top)
-    else:
-        s, k_top, _ = _signed_sum(terms, ks, jnp.zeros(q.shape), False)
-        grads = _assemble(s, k_top, None if name == "reverse_kl" else log_slope)
-    kw, kl = h_w.shape[-1], h_l.shape[-1]
-    tangent = (jnp.sum(grads[:, :kw] * d_w, -1) + jnp.sum(grads[:, kw:kw + kl] * d_l, -1)
-               + grads[:, -1] * d_c)
-    return _mipo_value(name, unbiased, *primals), tangent
+    loss, d_h, dc = _mipo_parts(name, unbiased, *primals, grads=True)
+    k = h_w.shape[-1]
+    tangent = jnp.sum(d_h[:, :k] * d_w, -1) + jnp.sum(d_h[:, k:] * d_l, -1) + dc * d_c
+    return loss, tangent
 
 
 def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Array,
@@ -349,17 +428,12 @@ def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: f
                                                       rejected_mask)
     c = jnp.broadcast_to(0.5 / as_float32(tau), jnp.shape(empty))  # target margin 1/(2 tau)
     power = jax.lax.stop_gradient(as_float32(0.0 if div.power is None else div.power))
-    valid_w, valid_l = valid_w.astype(jnp.float32), valid_l.astype(jnp.float32)
     loss = jnp.where(empty, 0.0, _mipo(div.name, unbiased, h_w, h_l, valid_w, valid_l, c, power))
     correction = jnp.zeros_like(loss)
-    if unbiased:  # var_w/K + var_l/L = D^2 - loss, as its own quadratic form (no cancellation)
-        args = jax.lax.stop_gradient((jnp.concatenate([h_w, h_l], -1),
-                                      jnp.concatenate([valid_w, valid_l], -1) > 0, c, power))
-        m, k, half, _ = _mipo_slots(div.name, *args)
-        lam, q = _mipo_coefficients(valid_w > 0, valid_l > 0, True)
-        correction = _quadratic(lam[:, :, None] * lam[:, None, :] - q, m, k, half,
-                                div.power is not None)
-        correction = jnp.where(empty, 0.0, correction)
+    if unbiased:  # var_w/K + var_l/L, a metric (no gradient)
+        args = jax.lax.stop_gradient((h_w, h_l, c, power))
+        correction = jnp.where(empty, 0.0, _mipo_correction(div.name, args[0], args[1], valid_w,
+                                                             valid_l, args[2], args[3]))
     single = (jnp.sum(chosen_mask, -1) == 1).astype(jnp.int32) + (jnp.sum(rejected_mask, -1) == 1)
     metrics = {
         "num_uncorrected_groups": jnp.sum(jnp.where(empty, 0, single)).astype(jnp.int32),
