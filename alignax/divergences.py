@@ -133,12 +133,19 @@ def scaled_exp(coef, log_coef: jax.Array, x: jax.Array, exponent=0) -> jax.Array
     normal float32 number, even where e^x alone over- or underflows. Where a factor is not
     (it underflowed to 0 or overflowed while log_coef is exact), the exponent x + log_coef is
     reduced instead, with its rounding (eps |x + log coef|, that of e^y at a float32-rounded
-    y). log_coef = -inf (coef = 0) gives exactly 0. Elementwise, broadcasting.
+    y). log_coef = -inf (coef = 0) gives exactly 0. Elementwise, broadcasting. Differentiable
+    in the factors and x (the bit-level frexp has no derivative of its own).
     """
     factors = coef if isinstance(coef, tuple) else (coef,)
+    return _scaled_exp(factors, log_coef, x, jnp.asarray(exponent, jnp.int32))
+
+
+@jax.custom_jvp
+def _scaled_exp(factors, log_coef, x, exponent):
     tiny, top = jnp.finfo(jnp.float32).tiny, jnp.finfo(jnp.float32).max
     zero = log_coef == -jnp.inf
-    normal = functools.reduce(jnp.logical_and, [(f >= tiny) & (f <= top) for f in factors])
+    normal = functools.reduce(jnp.logical_and, [(f >= tiny) & (f <= top) for f in factors],
+                              jnp.asarray(True))
     y = jnp.where(normal | zero, x, x + log_coef)  # the exponent still to apply
     n = jnp.clip(jnp.round(y / math.log(2.0)), -600.0, 600.0)  # beyond: 0 or inf anyway
     r = (y - n * _LN2_HI) - n * _LN2_LO
@@ -147,6 +154,19 @@ def scaled_exp(coef, log_coef: jax.Array, x: jax.Array, exponent=0) -> jax.Array
         m, e = frexp32(jnp.where(normal, f, 1.0))
         mantissa, power = mantissa * m, power + e
     return jnp.where(zero, 0.0, ldexp32(mantissa * jnp.exp(r), power))
+
+
+@_scaled_exp.defjvp
+def _scaled_exp_jvp(primals, tangents):
+    factors, log_coef, x, exponent = primals
+    d_factors, _, d_x, _ = tangents
+    value = _scaled_exp(factors, log_coef, x, exponent)
+    tangent = value * d_x
+    for i, d_f in enumerate(d_factors):  # d(prod f) = sum_i (prod_{j != i} f_j) d f_i
+        others = factors[:i] + factors[i + 1:]
+        log_others = sum((jnp.log(f) for f in others), jnp.zeros_like(x))
+        tangent = tangent + _scaled_exp(others, log_others, x, exponent) * d_f
+    return value, tangent
 
 
 def _softplus_difference(a: jax.Array, b: jax.Array) -> jax.Array:

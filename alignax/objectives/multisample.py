@@ -35,7 +35,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from alignax._checks import as_float32, check_positive, check_rank
 from alignax.divergences import (_softplus_difference, frexp32, get_divergence, ldexp32,
@@ -191,7 +190,7 @@ def _x_normal(m, k, half):
     return mantissa, k + exponent, half
 
 
-def _x_from(value, log_space):
+def _x_from(value):
     """A float32 array as an extended number."""
     return _x_normal(value, jnp.zeros(jnp.shape(value), jnp.int32), jnp.zeros_like(value))
 
@@ -317,7 +316,7 @@ def _mipo_parts(name, unbiased, h_w, h_l, valid_w, valid_l, c, power, grads):
     n = jnp.sum(valid, -1).astype(jnp.float32)  # [B, 2]
     sign = jnp.array([1.0, -1.0])
     loo, sums = _x_leave_one_out(members, log_space)  # [B, 2, N], [B, 2]
-    cx = _x_from(c, log_space)  # [B]
+    cx = _x_from(c)  # [B]
     d = _x_sum(tuple(jnp.concatenate([u, v[:, None]], -1) for u, v in zip(
         _x_scale(sums, sign / n), _x_scale(cx, -1.0))), -1, log_space)  # D = S_w/K - S_l/L - c
     corrected = n >= 2.0  # [B, 2]
