@@ -244,9 +244,9 @@ class Divergence:
         Finite wherever the true value is a finite float32 and never NaN for finite log_u,
         value and gradient in log_u: where u overflows (log_u > 88.7) f need not (JSD up to
         log_u = 89.1, total variation up to 89.4), so those terms are formed as one exp of a
-        sum of logs; reverse KL's h e^h likewise below h = -1, where e^h underflows first. Alpha has f'(1) = 0, so its f is its `estimator` (the same value, formed
-        without the inf - inf of u^(1-a) - (1-a) u and without cancellation at small alpha);
-        like the estimator, it gets no gradient in alpha.
+        sum of logs; reverse KL's h e^h likewise below h = -1, where e^h underflows first.
+        Alpha has f'(1) = 0, so its f is its `estimator` (the same value, formed without the
+        inf - inf of u^(1-a) - (1-a) u); like the estimator, it gets no gradient in alpha.
         """
         h = as_float32(log_u)
         if self.name == "reverse_kl":  # below h = -1 as -exp(h + log(-h)): e^h may underflow
