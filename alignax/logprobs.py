@@ -4,6 +4,8 @@
 final hidden states [B, T, D] and the unembedding [D, V] instead, and computes the same values
 and gradients block by block, so the [B, T, V] logits (4.2 GB in float32 at B=4, T=2048,
 V=128,256) never exist: only one [chunk_size, vocab_chunk_size] block of them at a time.
+`chunked_token_logprobs` is the per-token form on the same machinery, optionally with each
+position's entropy (what PPO needs: log-probs of sampled tokens and an entropy bonus).
 """
 
 from __future__ import annotations
@@ -148,6 +150,54 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets
       ...                           vocab_chunk_size=3)  # 3 log(1/7)
       Array([-5.8377304, -5.8377304], dtype=float32)
     """
+    return _chunked_per_token(hidden, unembedding, targets, mask, chunk_size=chunk_size,
+                              vocab_chunk_size=vocab_chunk_size, with_entropy=False)
+
+
+def chunked_token_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array, *,
+                           chunk_size: int, vocab_chunk_size: int | None = None,
+                           return_entropy: bool = False
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`token_logprobs(hidden @ unembedding, targets)` without the [B, T, V] logits.
+
+    The chunked machinery of `chunked_sequence_logprobs` (same blocks, same custom VJP), per
+    position. With `return_entropy`, also the entropy of each position's next-token
+    distribution, H = -sum_v p_v log p_v with p = softmax(hidden @ unembedding), accumulated over
+    vocabulary chunks as a sum of non-negative terms (no cancellation, H >= 0 exactly) and
+    differentiable: dH/dlogits = -p (log p + H), recomputed per block in the backward pass.
+
+    Args:
+      hidden: [B, T, D] final hidden states, any float dtype (divide them by a sampling
+        temperature to score a tempered policy: logits / tau = (hidden / tau) @ unembedding).
+      unembedding: [D, V].
+      targets: [B, T] int; targets[b, t] is the token that position t predicts.
+      chunk_size, vocab_chunk_size: as in `chunked_sequence_logprobs`.
+      return_entropy: also return the per-position entropies (static).
+
+    Returns:
+      logps [B, T] float32, or (logps [B, T], entropies [B, T]) float32.
+
+    Raises:
+      ValueError / TypeError: as `chunked_sequence_logprobs`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> hidden, unembedding = jnp.zeros((1, 2, 3)), jnp.zeros((3, 4))  # uniform over V = 4
+      >>> chunked_token_logprobs(hidden, unembedding, jnp.array([[0, 3]]), chunk_size=2,
+      ...                        vocab_chunk_size=3, return_entropy=True)  # log(1/4), log 4
+      (Array([[-1.3862944, -1.3862944]], dtype=float32), Array([[1.3862944, 1.3862944]], dtype=float32))
+    """
+    return _chunked_per_token(hidden, unembedding, targets, None, chunk_size=chunk_size,
+                              vocab_chunk_size=vocab_chunk_size, with_entropy=return_entropy)
+
+
+def _chunked_per_token(hidden, unembedding, targets, mask, *, chunk_size, vocab_chunk_size,
+                       with_entropy):
+    """Validates, then runs `_chunked_token_stats` over the B*T positions.
+
+    Returns the [B, T] log-probs (and [B, T] entropies with `with_entropy`), or, given a [B, T]
+    `mask`, their masked sums over T, [B].
+    """
     check_rank("hidden", hidden, 3)
     check_rank("unembedding", unembedding, 2)
     _check_floating("hidden", hidden)
@@ -160,7 +210,8 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets
     if (batch, length) != jnp.shape(targets):
         raise ValueError(f"targets {jnp.shape(targets)} must be [B, T] = {(batch, length)} for "
                          f"hidden {hidden.shape}")
-    check_same_shape(targets=targets, mask=mask)
+    if mask is not None:
+        check_same_shape(targets=targets, mask=mask)
     _check_chunk("chunk_size", chunk_size)
     if vocab_chunk_size is not None:
         _check_chunk("vocab_chunk_size", vocab_chunk_size)
@@ -168,24 +219,33 @@ def chunked_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets
     if vocab == 0:
         raise ValueError(f"unembedding {unembedding.shape} has an empty vocabulary")
     if batch * length == 0:
-        return jnp.zeros((batch,), jnp.float32)
+        if mask is not None:
+            return jnp.zeros((batch,), jnp.float32)
+        empty = jnp.zeros((batch, length), jnp.float32)
+        return (empty, empty) if with_entropy else empty
     token_chunk = min(chunk_size, batch * length)
     vocab_chunk = vocab if vocab_chunk_size is None else min(vocab_chunk_size, vocab)
 
-    def chunked(hidden, unembedding, targets, mask):
-        logps = _chunked_token_logprobs(hidden.reshape(batch * length, dim),  # [N = B*T, D]
-                                        unembedding, targets.reshape(-1).astype(jnp.int32),
-                                        token_chunk, vocab_chunk)
+    def chunked(hidden, unembedding, targets, *mask):
+        logps, entropies = _chunked_token_stats(
+            hidden.reshape(batch * length, dim), unembedding,  # [N = B*T, D]
+            targets.reshape(-1).astype(jnp.int32), token_chunk, vocab_chunk, with_entropy)
         logps = logps.reshape(batch, length)  # [N] -> [B, T]
-        return jnp.sum(jnp.where(mask.astype(bool), logps, 0.0), axis=-1)
+        if mask:
+            return jnp.sum(jnp.where(mask[0].astype(bool), logps, 0.0), axis=-1)  # [B]
+        return (logps, entropies.reshape(batch, length)) if with_entropy else logps
 
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
         # Under explicit sharding the loops' carries would need hand-written shardings; let the
         # partitioner place them instead, and give the result the batch sharding of `hidden`.
         spec = jax.typeof(hidden).sharding.spec
-        chunked = jax.sharding.auto_axes(chunked, out_sharding=P(spec[0] if spec else None))
-    return chunked(hidden, unembedding, jnp.asarray(targets), jnp.asarray(mask))
+        rows = spec[0] if spec else None
+        out = P(rows) if mask is not None else P(rows, None)
+        chunked = jax.sharding.auto_axes(
+            chunked, out_sharding=(out, out) if with_entropy and mask is None else out)
+    masks = () if mask is None else (jnp.asarray(mask),)
+    return chunked(hidden, unembedding, jnp.asarray(targets), *masks)
 
 
 def _chunk_window(size: int, chunk: int, index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -200,59 +260,78 @@ def _num_chunks(size: int, chunk: int) -> int:
     return -(-size // chunk)
 
 
-def _forward(hidden, unembedding, targets, token_chunk, vocab_chunk):
-    """Per-token log-probs [N] and log-sum-exps [N], one [token_chunk, vocab_chunk] block at a
-    time: lse = logaddexp over vocabulary chunks (a running log-sum-exp)."""
+def _forward(hidden, unembedding, targets, token_chunk, vocab_chunk, with_entropy):
+    """Per-token log-probs [N], log-sum-exps [N] and (with_entropy, else zeros) entropies [N],
+    one [token_chunk, vocab_chunk] block at a time: lse = logaddexp over vocabulary chunks (a
+    running log-sum-exp), and the entropy as S = sum_v p_v (lse - l_v) over the entries seen so
+    far, each term >= 0. When a chunk moves the running lse from a to a' >= a, the earlier terms
+    become e^(a - a') (S + a' - a): every piece stays non-negative, so H never cancels."""
     num_tokens, vocab = hidden.shape[0], unembedding.shape[1]
 
     def token_step(carry, i):
-        logps, lses = carry  # [N], [N]
+        logps, lses, entropies = carry  # [N] each
         t0, _ = _chunk_window(num_tokens, token_chunk, i)
         h = lax.dynamic_slice_in_dim(hidden, t0, token_chunk).astype(jnp.float32)  # [Tc, D]
         y = lax.dynamic_slice_in_dim(targets, t0, token_chunk)  # [Tc]
 
         def vocab_step(inner, j):
-            lse, picked = inner  # [Tc], [Tc]
+            lse, picked, entropy = inner  # [Tc] each
             v0, fresh = _chunk_window(vocab, vocab_chunk, j)
             w = lax.dynamic_slice_in_dim(unembedding, v0, vocab_chunk, axis=1)
             logits = h @ w.astype(jnp.float32)  # [Tc, Vc]
             logits = jnp.where(fresh, logits, -jnp.inf)
             is_target = (v0 + jnp.arange(vocab_chunk) == y[:, None]) & fresh  # [Tc, Vc]
             picked = picked + jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-            return (jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1)), picked), None
+            new_lse = jnp.logaddexp(lse, jax.nn.logsumexp(logits, axis=-1))
+            if with_entropy:
+                gap = new_lse[:, None] - logits  # [Tc, Vc] -log p, +inf on stale entries
+                block = jnp.sum(jnp.where(fresh, jnp.exp(-gap) * gap, 0.0), axis=-1)
+                earlier = jnp.where(lse == -jnp.inf, 0.0,  # first chunk: nothing seen yet
+                                    jnp.exp(lse - new_lse) * (entropy + (new_lse - lse)))
+                entropy = earlier + block
+            return (new_lse, picked, entropy), None
 
         init = (jnp.full((token_chunk,), -jnp.inf, jnp.float32),  # running log-sum-exp
-                jnp.zeros((token_chunk,), jnp.float32))  # target logit
-        (lse, picked), _ = lax.scan(vocab_step, init, jnp.arange(_num_chunks(vocab, vocab_chunk)))
+                jnp.zeros((token_chunk,), jnp.float32),  # target logit
+                jnp.zeros((token_chunk,), jnp.float32))  # running entropy
+        (lse, picked, entropy), _ = lax.scan(vocab_step, init,
+                                             jnp.arange(_num_chunks(vocab, vocab_chunk)))
         # Overlapping rows of a shifted last chunk are recomputed identically: plain overwrite.
         logps = lax.dynamic_update_slice_in_dim(logps, picked - lse, t0, axis=0)
         lses = lax.dynamic_update_slice_in_dim(lses, lse, t0, axis=0)
-        return (logps, lses), None
+        entropies = lax.dynamic_update_slice_in_dim(entropies, entropy, t0, axis=0)
+        return (logps, lses, entropies), None
 
-    init = (jnp.zeros((num_tokens,), jnp.float32), jnp.zeros((num_tokens,), jnp.float32))
-    (logps, lses), _ = lax.scan(token_step, init,
-                                jnp.arange(_num_chunks(num_tokens, token_chunk)))
-    return logps, lses
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked_token_logprobs(hidden, unembedding, targets, token_chunk, vocab_chunk):
-    """[N, D], [D, V], [N] int -> [N] float32 log softmax(hidden @ unembedding)[targets]."""
-    return _forward(hidden, unembedding, targets, token_chunk, vocab_chunk)[0]
+    init = (jnp.zeros((num_tokens,), jnp.float32),) * 3
+    (logps, lses, entropies), _ = lax.scan(token_step, init,
+                                           jnp.arange(_num_chunks(num_tokens, token_chunk)))
+    return logps, lses, entropies
 
 
-def _chunked_token_logprobs_fwd(hidden, unembedding, targets, token_chunk, vocab_chunk):
-    logps, lses = _forward(hidden, unembedding, targets, token_chunk, vocab_chunk)
-    return logps, (hidden, unembedding, targets, lses)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _chunked_token_stats(hidden, unembedding, targets, token_chunk, vocab_chunk, with_entropy):
+    """[N, D], [D, V], [N] int -> (log softmax(hidden @ unembedding)[targets] [N], entropies [N]
+    (zeros unless with_entropy)), float32."""
+    logps, _, entropies = _forward(hidden, unembedding, targets, token_chunk, vocab_chunk,
+                                   with_entropy)
+    return logps, entropies
 
 
-def _chunked_token_logprobs_bwd(token_chunk, vocab_chunk, residuals, cotangent):
-    """d logp_n / d logits_n = onehot(y_n) - softmax_n, recomputed per block from the saved
-    log-sum-exp; d hidden = dlogits @ W^T and d W = hidden^T @ dlogits, both accumulated into
-    their own slices (no [N, V] and no per-chunk [D, V] temporary)."""
-    hidden, unembedding, targets, lses = residuals
+def _chunked_token_stats_fwd(hidden, unembedding, targets, token_chunk, vocab_chunk,
+                             with_entropy):
+    logps, lses, entropies = _forward(hidden, unembedding, targets, token_chunk, vocab_chunk,
+                                      with_entropy)
+    return (logps, entropies), (hidden, unembedding, targets, lses, entropies)
+
+
+def _chunked_token_stats_bwd(token_chunk, vocab_chunk, with_entropy, residuals, cotangents):
+    """d logp_n / d logits_n = onehot(y_n) - softmax_n and d H_n / d logits_n =
+    -p_n (log p_n + H_n), recomputed per block from the saved log-sum-exp (and entropy);
+    d hidden = dlogits @ W^T and d W = hidden^T @ dlogits, both accumulated into their own
+    slices (no [N, V] and no per-chunk [D, V] temporary)."""
+    hidden, unembedding, targets, lses, entropies = residuals
     num_tokens, vocab = hidden.shape[0], unembedding.shape[1]
-    cotangent = cotangent.astype(jnp.float32)
+    d_logps, d_entropies = (c.astype(jnp.float32) for c in cotangents)
 
     def token_step(carry, i):
         d_hidden, d_unembedding = carry  # [N, D], [D, V] float32
@@ -260,16 +339,23 @@ def _chunked_token_logprobs_bwd(token_chunk, vocab_chunk, residuals, cotangent):
         h = lax.dynamic_slice_in_dim(hidden, t0, token_chunk).astype(jnp.float32)  # [Tc, D]
         y = lax.dynamic_slice_in_dim(targets, t0, token_chunk)  # [Tc]
         lse = lax.dynamic_slice_in_dim(lses, t0, token_chunk)  # [Tc]
+        entropy = lax.dynamic_slice_in_dim(entropies, t0, token_chunk)  # [Tc]
         # Rows a previous chunk already handled get a zero cotangent: no double counting.
-        g = jnp.where(fresh_rows, lax.dynamic_slice_in_dim(cotangent, t0, token_chunk), 0.0)
+        g = jnp.where(fresh_rows, lax.dynamic_slice_in_dim(d_logps, t0, token_chunk), 0.0)
+        g_entropy = jnp.where(fresh_rows, lax.dynamic_slice_in_dim(d_entropies, t0, token_chunk),
+                              0.0)
 
         def vocab_step(inner, j):
             d_h, d_w = inner  # [Tc, D], [D, V]
             v0, fresh = _chunk_window(vocab, vocab_chunk, j)
             w = lax.dynamic_slice_in_dim(unembedding, v0, vocab_chunk, axis=1).astype(jnp.float32)
-            probs = jnp.exp(h @ w - lse[:, None])  # [Tc, Vc] softmax block
+            log_probs = h @ w - lse[:, None]  # [Tc, Vc] log softmax block
+            probs = jnp.exp(log_probs)
             onehot = (v0 + jnp.arange(vocab_chunk) == y[:, None]).astype(jnp.float32)
-            d_logits = jnp.where(fresh, g[:, None] * (onehot - probs), 0.0)  # [Tc, Vc]
+            d_logits = g[:, None] * (onehot - probs)  # [Tc, Vc]
+            if with_entropy:
+                d_logits = d_logits - g_entropy[:, None] * probs * (log_probs + entropy[:, None])
+            d_logits = jnp.where(fresh, d_logits, 0.0)
             d_h = d_h + jnp.einsum("tv,dv->td", d_logits, w)
             d_w_block = lax.dynamic_slice_in_dim(d_w, v0, vocab_chunk, axis=1)
             d_w_block = d_w_block + jnp.einsum("td,tv->dv", h, d_logits)  # [D, Vc]
@@ -287,4 +373,4 @@ def _chunked_token_logprobs_bwd(token_chunk, vocab_chunk, residuals, cotangent):
     return d_hidden.astype(hidden.dtype), d_unembedding.astype(unembedding.dtype), None
 
 
-_chunked_token_logprobs.defvjp(_chunked_token_logprobs_fwd, _chunked_token_logprobs_bwd)
+_chunked_token_stats.defvjp(_chunked_token_stats_fwd, _chunked_token_stats_bwd)

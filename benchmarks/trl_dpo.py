@@ -128,7 +128,7 @@ def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
     from alignax.data.batching import collate
     from alignax.models import create
     from alignax.training.mesh import global_batch, make_mesh
-    from alignax.training.objectives import ObjectiveConfig, make_objective
+    from alignax.objectives import DPO
     from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
                                         split_model)
     from alignax.training.step import StepConfig, make_train_step
@@ -141,7 +141,7 @@ def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
     config = StepConfig(chunk_size=preset.chunk_size, vocab_chunk_size=preset.vocab_chunk_size,
                         compute_dtype=preset.dtype, share_prompt=share_prompt,
                         remat=preset.remat)
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="dpo", beta=BETA)),
+    step = make_train_step(graphdef, DPO(beta=BETA),
                            optimizer, schedule, mesh=mesh, state_shardings=shardings,
                            model_state=rest, config=config)
     eos = np.ones(1, np.int32)

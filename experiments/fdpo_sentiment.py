@@ -1,7 +1,7 @@
 """f-DPO under each divergence on a CPU-sized analogue of the thesis' IMDB study (§2.6.2, Fig. 2.2).
 
     python -m experiments.fdpo_sentiment                       # embedded default, a few minutes on CPU
-    python -m experiments.fdpo_sentiment --divergences reverse_kl,jsd --train_steps 200
+    python -m experiments.fdpo_sentiment --divergences reverse_kl jsd --train_steps 200
 
 The thesis fine-tunes GPT-2-large on IMDB prompts with a sentiment classifier as the oracle and
 compares, for each f-divergence, the oracle reward reached against the KL from the reference
@@ -43,11 +43,11 @@ from alignax.models import create, from_pretrained, generate, tiny_config
 from alignax.training.checkpoint import Checkpointer, export_hf
 from alignax.training.loop import MetricsLogger, plot_metrics, read_metrics, train
 from alignax.training.mesh import initialize_distributed, make_mesh
-from alignax.training.objectives import ObjectiveConfig, make_objective
+from alignax.objectives import FDPO, SFT
 from alignax.training.state import (OptimizerConfig, cast_floating, create_train_state,
                                     make_optimizer, split_model)
 from alignax.training.step import StepConfig, make_train_step, role_logprobs
-from experiments.cli import parse_config
+from alignax.trainer.cli import parse_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -189,11 +189,11 @@ def sft_reference(config: Config, tokenizer, mesh, params, graphdef, rest) -> ob
     arrays = {"chosen_input_ids": rows, "chosen_attention_mask": ones,
               "chosen_loss_mask": ones.astype(bool)}
     optimizer, schedule = make_optimizer(OptimizerConfig(
-        learning_rate=config.sft_learning_rate, schedule="cosine", warmup_steps=10,
-        total_steps=config.sft_steps))
+        learning_rate=config.sft_learning_rate, schedule="cosine",
+        warmup_steps=min(10, config.sft_steps), total_steps=config.sft_steps))
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(config.seed),
                                           mesh=mesh)
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="sft")), optimizer,
+    step = make_train_step(graphdef, SFT(), optimizer,
                            schedule, mesh=mesh, state_shardings=shardings, model_state=rest,
                            config=StepConfig(compute_dtype=config.compute_dtype))
     run = pathlib.Path(config.run_dir) / "sft"
@@ -304,17 +304,21 @@ def make_evaluator(config: Config, graphdef, rest, reference_params, tokenizer, 
     return evaluate
 
 
-def train_divergence(config: Config, name: str, graphdef, rest, reference_params, pairs,
-                     evaluate) -> list[dict]:
-    """f-DPO from the reference under divergence `name`; returns the evaluation records."""
+def fdpo_objective(config: Config, name: str) -> FDPO:
+    """The f-DPO objective of divergence `name` (thesis eq. 2.2), validated when built."""
     divergence, alpha = divergence_config(name)
+    return FDPO(beta=config.beta, divergence=divergence, alpha=alpha)
+
+
+def train_divergence(config: Config, name: str, objective: FDPO, graphdef, rest,
+                     reference_params, pairs, evaluate) -> list[dict]:
+    """f-DPO from the reference with `objective` (divergence `name`); returns the evaluation
+    records."""
     mesh = params_mesh(reference_params)
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
                                                          total_steps=config.train_steps))
     state, shardings = create_train_state(reference_params, optimizer,
                                           key=jax.random.PRNGKey(config.seed + 3), mesh=mesh)
-    objective = make_objective(ObjectiveConfig(beta=config.beta, divergence=divergence,
-                                               alpha=alpha))  # thesis eq. 2.2
     step = make_train_step(graphdef, objective, optimizer, schedule, mesh=mesh,
                            state_shardings=shardings, model_state=rest,
                            config=StepConfig(compute_dtype=config.compute_dtype))
@@ -391,6 +395,8 @@ def write_report(config: Config, results: dict[str, list[dict]], pair_stats: dic
 
 def main(argv: Sequence[str] | None = None) -> str:
     config = parse_config(Config, argv, prog="python -m experiments.fdpo_sentiment")
+    # every objective is built (and its hyper-parameters checked) before any work starts
+    objectives = {name: fdpo_objective(config, name) for name in config.divergences}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     initialize_distributed()
     mesh = make_mesh(config.mesh)
@@ -421,8 +427,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     log.info("pairs: %s", pair_stats)
     evaluate = make_evaluator(config, graphdef, rest, params, tokenizer, eval_ids, eval_mask,
                               positive_ids)
-    results = {name: train_divergence(config, name, graphdef, rest, params, pairs, evaluate)
-               for name in config.divergences}
+    results = {name: train_divergence(config, name, objective, graphdef, rest, params, pairs,
+                                      evaluate) for name, objective in objectives.items()}
     table = write_report(config, results, pair_stats)
     print(table)
     return table

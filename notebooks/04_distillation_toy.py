@@ -14,9 +14,10 @@
 # %% [markdown]
 # # Reward-model distillation under a length bias: a finite-response analogue of 004 §4.1
 #
-# The paper (../shared/seeds/004_*.txt) trains policies on TL;DR preference sets D_rho in which
-# the longer summary wins in a fraction rho of the pairs, with an oracle reward that itself
-# likes length, and compares DPO, IPO, distilled DPO (d-DPO), pessimistic DPO (p-DPO),
+# The paper "Robust Preference Optimization through Reward Model Distillation" (called 004
+# in alignax's docs) trains policies on TL;DR preference sets D_rho in which the longer
+# summary wins in a fraction rho of the pairs, with an oracle reward that itself likes
+# length, and compares DPO, IPO, distilled DPO (d-DPO), pessimistic DPO (p-DPO),
 # pessimistic distilled DPO (pd-DPO) and the pessimistic ensemble (e-DPO) by their oracle-reward
 # advantage over the SFT policy (Figure 2). It reports that every distillation variant beats DPO
 # and IPO for rho <= 0.5, that e-DPO is the best there, and that d-DPO is best for rho > 0.6;

@@ -9,8 +9,8 @@ import pytest
 
 from alignax.data.bins import (KEYWORD_TABLES, assign_quantile_bins, attribute_bins,
                                demographic_bin_name, demographic_bins, demographic_num_bins,
-                               load_keyword_table, prefix_bins, quantile_bin_edges,
-                               quantile_bins)
+                               keyword_coverage, load_keyword_table, prefix_bins,
+                               quantile_bin_edges, quantile_bins)
 
 
 @pytest.mark.parametrize("num_bins", [10, 20, 30])  # §4.10
@@ -59,16 +59,61 @@ def test_shipped_tables_match_the_thesis():
 @pytest.mark.parametrize("text,expected", [
     ("A MAN walked in.", "Male"),
     ("the woman", "Female"),        # "man" does not fire inside "woman"
+    ("the woman's hat", "Female"),  # possessive: a word boundary before "'s"
     ("a human", None),              # nor inside "human"
-    ("several men", None),          # no stemming
     ("a non binary person", "Non-binary"),  # space == hyphen inside a keyword
     ("a man and a woman and a woman", "Female"),  # most occurrences
     ("a woman and a man", "Female"),  # tie: first mentioned
 ])
 def test_gender_matching_rules(text, expected):
     table = load_keyword_table("gender")
-    c = table.category(text)
-    assert (None if c < 0 else table.categories[c]) == expected
+    for match in ("exact", "inflected"):
+        c = table.category(text, match=match)
+        assert (None if c < 0 else table.categories[c]) == expected
+
+
+@pytest.mark.parametrize("attribute, text, expected", [
+    ("gender", "several men", "Male"),
+    ("gender", "Women's rights", "Female"),
+    ("gender", "two gays and lesbians", "Non-binary"),
+    ("age", "the teens", "Childhood"),
+    ("age", "kids and babies", "Childhood"),
+    ("age", "our children", "Childhood"),
+    ("age", "many adults", "Young Adults"),
+    ("age", "grown-ups", "Young Adults"),
+    ("age", "older people", "Elderly"),
+    ("age", "the seniors", "Elderly"),
+    ("race", "Asians and Latinos", "Asian"),   # tie: first mentioned
+    ("race", "Pacific islands", "Indigenous"),
+])
+def test_plural_and_inflected_forms_match_only_when_asked(attribute, text, expected):
+    table = load_keyword_table(attribute)
+    assert table.category(text, match="exact") == -1  # the thesis' words as printed miss them
+    assert table.categories[table.category(text)] == expected  # match="inflected", the default
+    with pytest.raises(ValueError, match="match must be one of"):
+        table.category(text, match="stemmed")
+
+
+def test_keyword_coverage_counts_attribute_combinations(caplog):
+    texts = ["An elderly Hispanic woman", "two young men", "Black teens", "women",
+             "the weather", "Old white men and women"]
+    exact = keyword_coverage(texts, match="exact")
+    inflected = keyword_coverage(texts)
+    assert inflected.matched == {"age": 4, "gender": 4, "race": 3}
+    assert exact.matched == {"age": 3, "gender": 1, "race": 3}
+    assert inflected.combinations == {("age", "gender", "race"): 2, ("age", "gender"): 1,
+                                      ("age", "race"): 1, ("gender",): 1, (): 1}
+    assert (inflected.all_matched, exact.all_matched) == (2, 1)
+    assert str(inflected) == ("2 of 6 texts match all of age/gender/race (inflected keywords; "
+                              "per attribute: age 4, gender 4, race 3; none: 1)")
+    # demographic_bins keeps exactly the texts that match all three, and says how many it drops
+    bins = demographic_bins(texts)
+    assert (bins >= 0).sum() == inflected.all_matched
+    assert "4 of 6 texts match not all of age/gender/race and get bin -1" in caplog.text
+    assert "no age: 2, no gender: 2, no race: 3" in caplog.text
+    assert (demographic_bins(texts, match="exact") >= 0).sum() == exact.all_matched
+    assert (demographic_bins(texts, unmatched="separate") >= 0).all()
+    assert demographic_bin_name(int(bins[5])) == "Elderly/Male/White"  # men 2 > women 1
 
 
 def test_longest_keyword_wins_overlaps():

@@ -194,8 +194,8 @@ def test_unlabeled_pairs_with_rewards_and_bins():
     ds = prepare_dataset(ensemble, TOK, max_length=32,
                          bin_fn=lambda r: len(r["response_1"]) // 4)
     batch = ds.collate(ds.examples)
-    assert batch["target_rewards_2"].shape == (2, 3)  # [E, B]
-    np.testing.assert_allclose(batch["target_rewards_2"][1], [0.0, 1.0, 2.0])
+    assert batch["target_rewards_2"].shape == (3, 2)  # [B, E]
+    np.testing.assert_allclose(batch["target_rewards_2"][:, 1], [0.0, 1.0, 2.0])
     np.testing.assert_array_equal(batch["bin"], [0, 1, 1])
 
 
@@ -299,3 +299,249 @@ def test_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RuntimeError, match="could not load 'alignax-test/no-such-dataset'"):
         load_records("alignax-test/no-such-dataset")
+
+
+# --- nothing dropped silently: columns, ensemble sizes and bins are decided per dataset -------
+
+def _unlabeled(i, **rewards):
+    return {"prompt": f"Question {i}?", "response_1": " yes", "response_2": " no", **rewards}
+
+
+def test_reward_columns_are_decided_per_dataset_and_refused_when_inconsistent(tmp_path):
+    records = [_unlabeled(0), _unlabeled(1, target_rewards_1=1.0, target_rewards_2=0.0),
+               _unlabeled(2), _unlabeled(3, target_rewards_1=0.5, target_rewards_2=0.5)]
+    with pytest.raises(ValueError, match=re.escape(
+            "are in 2 of 4 records but missing in records 0, 2: label every record or none")):
+        prepare_dataset(records, TOK, max_length=32)
+    # a JSONL file read by `datasets` fills the missing columns with None: the same error
+    with pytest.raises(ValueError, match="missing in records 0, 2"):
+        prepare_dataset(_write_jsonl(tmp_path / "pairs.jsonl", records), TOK, max_length=32)
+    ds = prepare_dataset(records, TOK, max_length=32, errors="drop")
+    assert [i for i, _ in ds.report.dropped] == [0, 2] and "2 records dropped" in str(ds.report)
+    np.testing.assert_allclose(ds.collate(ds.examples)["target_rewards_1"], [1.0, 0.5])
+
+
+@pytest.mark.parametrize("odd, described", [([1.0, 2.0], "a list of 2 rewards"),
+                                            (0.5, "a scalar reward")])
+def test_one_ensemble_size_per_dataset(odd, described):
+    records = [_unlabeled(i, target_rewards_1=[0.0, 1.0, 2.0], target_rewards_2=[1.0, 1.0, 1.0])
+               for i in range(4)]
+    records[2] = _unlabeled(2, target_rewards_1=odd, target_rewards_2=odd)
+    with pytest.raises(ValueError, match=re.escape(
+            f"record 2: field 'target_rewards_1' holds {described} but 3 records hold a list of "
+            "3 rewards; every record needs the same ensemble size")):
+        prepare_dataset(records, TOK, max_length=32)
+    ds = prepare_dataset(records, TOK, max_length=32, errors="drop")
+    assert [i for i, _ in ds.report.dropped] == [2]
+    assert ds.collate(ds.examples)["target_rewards_1"].size == 9  # E = 3 for B = 3
+
+
+@pytest.mark.parametrize("value", [None, 1.5, "2", True])
+def test_bin_fn_must_return_an_int(value):
+    records = [dict(TRL[0]), dict(TRL[1]), dict(TRL[2])]
+    bin_fn = lambda r: value if r is records[1] else 0  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape(
+            f"record 1: field 'bin_fn(record)' must be an int bin, got {value!r}")):
+        prepare_dataset(records, TOK, max_length=32, bin_fn=bin_fn)
+    with pytest.raises(ValueError, match=re.escape("record 0: field 'bin_fn(record)'")):
+        prepare_dataset(records, TOK, max_length=32, bin_fn=lambda r: value)
+
+
+def test_collate_refuses_examples_with_and_without_a_bin():
+    ds = prepare_dataset(TRL, TOK, max_length=32, bin_fn=lambda r: len(r["prompt"]) % 3)
+    import dataclasses
+    examples = [ds.examples[0], dataclasses.replace(ds.examples[1], bin=None)]
+    with pytest.raises(ValueError, match=r"records \[1\] have no 'bin' but records \[0\] do"):
+        ds.collate(examples)
+
+
+# --- per-response bins ---------------------------------------------------------------------
+
+def test_per_response_bins_from_a_function():
+    def by_length(record, role, response):
+        assert record["prompt"] and role in ("chosen", "rejected")
+        return len(response) // 4
+
+    ds = prepare_dataset(TRL, TOK, max_length=32, response_bins=by_length,
+                         bin_fn=lambda r: len(r["prompt"]) % 2)
+    batch = ds.collate(ds.examples)
+    np.testing.assert_array_equal(batch["chosen_bin"], [len(r["chosen"]) // 4 for r in TRL])
+    np.testing.assert_array_equal(batch["rejected_bin"], [len(r["rejected"]) // 4 for r in TRL])
+    np.testing.assert_array_equal(batch["bin"], [len(r["prompt"]) % 2 for r in TRL])
+    assert batch["chosen_bin"].dtype == np.int32 and batch["chosen_bin"].shape == (4,)
+    with pytest.raises(ValueError, match=re.escape(
+            "record 0: field \"response_bin_fn(record, 'chosen', chosen)\" must be an int bin, "
+            "got None")):
+        prepare_dataset(TRL, TOK, max_length=32, response_bins=lambda r, role, x: None)
+    with pytest.raises(TypeError, match="response_bins must be"):
+        prepare_dataset(TRL, TOK, max_length=32, response_bins=3)
+
+
+def test_length_quantile_bins_fitted_on_train_reused_on_eval():
+    from alignax.data import LengthQuantileBins
+    from alignax.data.bins import assign_quantile_bins, quantile_bin_edges
+
+    train = [{"prompt": f"Q{i}", "chosen": " yes" * (1 + i), "rejected": " no" * (1 + 2 * i)}
+             for i in range(8)]
+    ds = prepare_dataset(train, TOK, max_length=64, response_bins=LengthQuantileBins(num_bins=4))
+    lengths = [len(TOK(r[role], add_special_tokens=False)["input_ids"]) + 1  # + EOS
+               for r in train for role in ("chosen", "rejected")]
+    edges = quantile_bin_edges(lengths, num_bins=4)
+    assert ds.response_bins == LengthQuantileBins(num_bins=4, edges=tuple(edges))
+    batch = ds.collate(ds.examples)
+    np.testing.assert_array_equal(batch["chosen_bin"], assign_quantile_bins(lengths[0::2], edges))
+    np.testing.assert_array_equal(batch["rejected_bin"], assign_quantile_bins(lengths[1::2], edges))
+    assert set(batch["chosen_bin"]) | set(batch["rejected_bin"]) == {0, 1, 2, 3}
+    # the evaluation split uses the training edges, not its own quantiles
+    test = [{"prompt": "Q", "chosen": " yes" * 30, "rejected": " no"}]
+    eval_ds = prepare_dataset(test, TOK, max_length=128, response_bins=ds.response_bins)
+    eval_batch = eval_ds.collate(eval_ds.examples)
+    assert (eval_batch["chosen_bin"].tolist(), eval_batch["rejected_bin"].tolist()) == ([3], [0])
+    assert eval_ds.response_bins is ds.response_bins
+    with pytest.raises(ValueError, match="edges must be 3 finite, non-decreasing"):
+        LengthQuantileBins(num_bins=4, edges=(3.0, 1.0, 5.0))
+
+
+def test_per_response_bins_of_grouped_and_unlabeled_records():
+    records = [{"prompt": "Tell a joke.", "chosen": [" Ha.", " Hee hee."], "rejected": [" No."]},
+               {"prompt": "Hi", "chosen": [" Hello!"], "rejected": [" Go.", " Bye.", " ..."]}]
+    ds = prepare_dataset(records, TOK, max_length=32,
+                         response_bins=lambda r, role, text: len(text))
+    batch = ds.collate(ds.examples)
+    np.testing.assert_array_equal(batch["chosen_bin"], [[4, 9], [7, -1]])  # -1: absent member
+    np.testing.assert_array_equal(batch["rejected_bin"], [[4, -1, -1], [4, 5, 4]])
+    pairs = [_unlabeled(i) for i in range(2)]
+    ds = prepare_dataset(pairs, TOK, max_length=32,
+                         response_bins=lambda r, role, text: int(role[-1]))
+    batch = ds.collate(ds.examples)
+    assert batch["response_1_bin"].tolist() == [1, 1] and batch["response_2_bin"].tolist() == [2, 2]
+
+
+# --- formats: TRL's implicit prompt told apart from HH; one format per dataset --------------
+
+IMPLICIT = [{"chosen": "The sky is blue.", "rejected": "The sky is green."},
+            {"chosen": "2 + 2 = 4", "rejected": "2 + 2 = 5"},
+            {"chosen": "Name a fruit: apple", "rejected": "Name a fruit: a chair"}]
+
+
+def test_trl_implicit_prompt_format(tmp_path):
+    path = _write_jsonl(tmp_path / "implicit.jsonl", IMPLICIT)
+    ds = prepare_dataset(path, TOK, max_length=64)
+    assert ds.format == "implicit_prompt" and not ds.report.dropped
+    # the shared prefix is the prompt; a final space goes to the responses (as TRL splits)
+    explicit = [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+                {"prompt": "2 + 2 =", "chosen": " 4", "rejected": " 5"},
+                {"prompt": "Name a fruit:", "chosen": " apple", "rejected": " a chair"}]
+    reference = prepare_dataset(explicit, TOK, max_length=64)
+    for key, value in reference.collate(reference.examples).items():
+        np.testing.assert_array_equal(ds.collate(ds.examples)[key], value)
+    hh = prepare_dataset(HH, TOK, max_length=128)  # HH transcripts are still HH
+    assert hh.format == "hh"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"chosen": "Same.", "rejected": "Same."}, "'rejected' is the whole shared prefix"),
+    ({"chosen": "Yes, I agree", "rejected": "Yes"}, "'rejected' is the whole shared prefix"),
+    ({"chosen": "Blue.", "rejected": "Green."}, "'chosen' shares no prompt with 'rejected'"),
+])
+def test_implicit_prompt_records_without_a_prompt_are_refused(record, message):
+    with pytest.raises(ValueError, match=re.escape(f"record 1: field {message}")):
+        prepare_dataset([IMPLICIT[0], record], TOK, format="implicit_prompt", max_length=32)
+
+
+def test_records_of_different_formats_are_refused():
+    with pytest.raises(ValueError, match=re.escape(
+            "the records do not share one format: 'hh' in records 0, 1, 2; 'implicit_prompt' in "
+            "records 3, 4, 5; pass format= to choose one")):
+        prepare_dataset(HH + IMPLICIT, TOK, max_length=128)
+    ds = prepare_dataset(HH + IMPLICIT, TOK, format="hh", max_length=128, errors="drop")
+    assert [i for i, _ in ds.report.dropped] == [3, 4, 5]
+    with pytest.raises(ValueError, match=r"record 1: cannot detect the record format"):
+        prepare_dataset([TRL[0], {"text": "x"}], TOK)
+
+
+# --- guard rails: chat template, tokenizer vs model, local paths, truncation ----------------
+
+def test_conversations_need_a_chat_template():
+    tok = default_tokenizer()
+    tok.chat_template = None
+    for errors in ("raise", "drop"):
+        with pytest.raises(ValueError, match=re.escape(
+                "records 0, 1 are conversations, which need a chat template, but the tokenizer")):
+            prepare_dataset(UF, tok, max_length=64, errors=errors)
+    with pytest.raises(ValueError, match=r"set tokenizer.chat_template \(the model's own"):
+        prepare_dataset(UF, tok, max_length=64)
+
+
+def test_check_tokenizer_against_the_model_vocabulary():
+    from alignax.data import check_tokenizer
+
+    check_tokenizer(TOK, vocab_size=1024)
+    check_tokenizer(TOK, vocab_size=2048)  # padded embeddings are fine
+    with pytest.raises(ValueError, match=re.escape(
+            "the tokenizer emits token ids up to 1023 (1024 tokens, specials included) but the "
+            "model's vocabulary has 512 entries (vocab_size=512)")):
+        check_tokenizer(TOK, vocab_size=512)
+    bigger = default_tokenizer()
+    bigger.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    assert bigger.convert_tokens_to_ids("<|tool|>") == 1024
+    with pytest.raises(ValueError, match=r"ids up to 1024 .* a model with vocab_size >= 1025"):
+        check_tokenizer(bigger, vocab_size=1024)
+    no_pad = default_tokenizer()
+    no_pad.pad_token = None
+    with pytest.raises(ValueError, match=re.escape("the tokenizer has no pad token; set one")):
+        check_tokenizer(no_pad, vocab_size=1024)
+    no_template = default_tokenizer()
+    no_template.chat_template = None
+    check_tokenizer(no_template, vocab_size=1024)
+    with pytest.raises(ValueError, match="conversational records need a chat template"):
+        check_tokenizer(no_template, vocab_size=1024, needs_chat_template=True)
+    with pytest.raises(ValueError, match="vocab_size must be a positive int"):
+        check_tokenizer(TOK, vocab_size=0)
+
+
+@pytest.mark.parametrize("source", ["data/trian.jsonl", "./x", "~/x", "a/b/c", "data/tarin",
+                                    "../hh"])
+def test_mistyped_local_paths_are_never_sent_to_the_hub(source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # so "data/tarin" names a local directory's entry
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def hub(*args, **kwargs):
+        raise AssertionError(f"sent to the hub: {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    with pytest.raises(ValueError, match=re.escape(
+            f"no such local file or directory: {source!r} (looked for")):
+        load_records(source)
+    with pytest.raises(ValueError, match=re.escape(
+            f"no such local tokenizer directory: {source!r}")):
+        prepare_dataset(TRL, source)
+
+
+def test_home_relative_paths_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_jsonl(tmp_path / "trl.jsonl", TRL)
+    assert prepare_dataset("~/trl.jsonl", TOK, max_length=32).format == "standard"
+
+
+def test_keep_start_truncation_as_trl():
+    records = [{"prompt": "word " * 8 + "END", "chosen": " yes" * 30, "rejected": " no"},
+               {"prompt": "word " * 60, "chosen": " a", "rejected": " b"},
+               {"prompt": "Hi", "chosen": " there", "rejected": " no"}]
+    ds = prepare_dataset(records, TOK, max_length=32, truncation="keep_start")
+    full_prompt = TOK(records[0]["prompt"])["input_ids"]
+    assert len(full_prompt) < 32 and ds.examples[0].prompt_ids.tolist() == full_prompt
+    chosen = TOK(records[0]["chosen"], add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+    # the sequence is (prompt + response)[:max_length]
+    assert ds.examples[0].responses["chosen"][0].tolist() == chosen[:32 - len(full_prompt)]
+    assert [i for i, _ in ds.report.dropped] == [1]  # its prompt alone fills max_length
+    assert "leaves no room for a response within max_length=32" in ds.report.dropped[0][1]
+    assert ds.report.prompts_truncated == 0 and ds.report.responses_truncated == 1
+    assert ds.prompt_buckets[-1] == 32
+    default = prepare_dataset(records, TOK, max_length=32)  # keep_prompt_end: all kept
+    assert len(default) == 3 and len(default.examples[1].prompt_ids) == 16
+    with pytest.raises(ValueError, match="max_prompt_length applies to truncation='keep_prompt"):
+        prepare_dataset(records, TOK, max_length=32, truncation="keep_start", max_prompt_length=8)
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        prepare_dataset(records, TOK, max_length=32, truncation="keep_end")

@@ -1,6 +1,7 @@
 """Preference data: record formats, tokenization, bucketed batching, resumable iteration.
 
     tokenizer = alignax.data.default_tokenizer()            # or AutoTokenizer.from_pretrained(...)
+    alignax.data.check_tokenizer(tokenizer, vocab_size=model_vocab_size)  # before training
     dataset = alignax.data.prepare_dataset("hh.jsonl", tokenizer, max_length=256)
     print(dataset.report)                                     # what was truncated / dropped
     batches = dataset.batches(batch_size=8, seed=0)           # batches.get_state() / set_state()
@@ -8,6 +9,8 @@
 
 from alignax.data.batching import bucket_lengths
 from alignax.data.batching import collate
+from alignax.data.bins import LengthQuantileBins
+from alignax.data.checks import check_tokenizer
 from alignax.data.dataset import PreferenceDataset
 from alignax.data.dataset import prepare_dataset
 from alignax.data.iterator import BatchIterator
@@ -27,7 +30,9 @@ __all__ = [
     "PreferenceDataset",
     "TokenizedExample",
     "TruncationReport",
+    "LengthQuantileBins",
     "bucket_lengths",
+    "check_tokenizer",
     "collate",
     "default_tokenizer",
     "detect_format",

@@ -9,10 +9,13 @@ role r ("chosen", "rejected", "response_1", "response_2"):
     r_loss_mask       [B, T] bool    True on response tokens: the token at t is scored by the
                                      logits at t - 1, see `alignax.logprobs.next_token_targets`
     r_group_mask      [B, K] bool    grouped batches only: which of the K members exist
+    r_bin             [B] int32      with per-response bins only (grouped: [B, K], -1 on
+                                     absent members)
 
 plus "prompt_input_ids"/"prompt_attention_mask" [B, P] (LEFT-padded, for generation),
 "record_index" [B] int32, and when present "bin" [B] int32 and
-"target_rewards_1"/"target_rewards_2" ([B] for a scalar column, [E, B] for a list column).
+"target_rewards_1"/"target_rewards_2" ([B] for a scalar column, [B, E] for a list column: every
+column leads with the batch axis B).
 
 With `share_prompt=True` each example's M responses (every role's K members, roles in sorted
 order) also follow ONE copy of its prompt in a packed row, so the prompt is run through the
@@ -147,6 +150,16 @@ def _pack_shared_prompt(prompts: Sequence[np.ndarray],
             "packed_score_mask": score}
 
 
+def _all_or_none(examples: Sequence[TokenizedExample], name: str, has) -> bool:
+    """Whether every example has the side column `name`; ValueError if only some do."""
+    having = [has(ex) for ex in examples]
+    if any(having) and not all(having):
+        raise ValueError(f"records {[ex.index for ex, h in zip(examples, having) if not h]} have "
+                         f"no {name!r} but records "
+                         f"{[ex.index for ex, h in zip(examples, having) if h]} do")
+    return all(having)
+
+
 def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
             prompt_buckets: Sequence[int], pad_token_id: int,
             group_sizes: Mapping[str, int] | None = None,
@@ -203,8 +216,14 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
     batch["prompt_input_ids"] = prompt_ids
     batch["prompt_attention_mask"] = prompt_mask
     batch["record_index"] = np.array([ex.index for ex in examples], dtype=np.int32)
-    if examples[0].bin is not None:
+    if _all_or_none(examples, "bin", lambda ex: ex.bin is not None):
         batch["bin"] = np.array([ex.bin for ex in examples], dtype=np.int32)
+    if _all_or_none(examples, "response_bins", lambda ex: bool(ex.response_bins)):
+        for role, k in sizes.items():
+            bins = [ex.response_bins[role] + (-1,) * (k - len(ex.response_bins[role]))
+                    for ex in examples]  # -1: an absent group member
+            batch[f"{role}_bin"] = np.array(bins if group_sizes is not None
+                                            else [b[0] for b in bins], dtype=np.int32)
     if share_prompt:
         members = [[r for role in sorted(roles) for r in padded[role][j]]
                    for j in range(len(examples))]
@@ -212,6 +231,6 @@ def collate(examples: Sequence[TokenizedExample], *, buckets: Sequence[int],
                                          buckets=buckets, pad_token_id=pad_token_id))
     for role, key in REWARD_KEYS.items():
         if role in examples[0].rewards:
-            # [B] for scalar rewards; [B, E] -> [E, B] for an ensemble's
-            batch[key] = np.asarray([ex.rewards[role] for ex in examples], dtype=np.float32).T
+            # [B] for scalar rewards; [B, E] for an ensemble's (the batch axis first)
+            batch[key] = np.asarray([ex.rewards[role] for ex in examples], dtype=np.float32)
     return batch

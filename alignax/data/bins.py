@@ -11,25 +11,35 @@ Three constructions, all returning int32 bin ids for `alignax.objectives.binned_
   religion ship too, for filtering).
 
 Keyword matching rules (decided here; the thesis does not say):
-- case-insensitive, on word boundaries, no stemming ("man" matches "Man," but not "woman",
-  "human" or "men"); inside a keyword a space and a hyphen are interchangeable and may repeat
+- case-insensitive, on word boundaries ("man" matches "Man," and "man's" but not "woman" or
+  "human"); inside a keyword a space and a hyphen are interchangeable and may repeat
   ("middle-aged" == "middle aged").
+- `match="inflected"` (default) also matches each keyword's plural ("teens", "kids", "babies",
+  "young adults": the last word takes -s, -es or -ies) and a few irregular forms ("men",
+  "women", "children"; "older", "oldest", "younger", "youngest"); `match="exact"` matches the
+  tables' words only, as printed in the thesis.
 - overlapping keywords: the longest keyword at a position wins and consumes the text, so
   "middle-aged" is Middle Age, not also Elderly ("aged").
 - several categories of one attribute in a text: the category with the most keyword
   occurrences wins; a tie goes to the category mentioned first.
 - no category of an attribute: that attribute is unmatched. With unmatched="exclude" (default)
-  the demographic bin is -1, to be masked out with `where=bins >= 0`; with
+  a text must match all three attributes, else its demographic bin is -1 (mask it out with
+  `where=bins >= 0`; `demographic_bins` logs how many texts that excludes); with
   unmatched="separate" each attribute gets an extra "unspecified" level and there are
-  5 x 4 x 6 = 120 bins.
+  5 x 4 x 6 = 120 bins. `keyword_coverage` counts which attributes the texts match.
+
+`LengthQuantileBins` makes per-response length bins inside `alignax.data.prepare_dataset`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib.resources
 import json
+import logging
+import math
 import re
 from typing import Hashable, Sequence
 
@@ -37,6 +47,12 @@ import numpy as np
 
 DEMOGRAPHIC_ATTRIBUTES = ("age", "gender", "race")  # §4.12.2, tables 4.7-4.9
 KEYWORD_TABLES = ("age", "gender", "race", "nationality", "religion")  # tables 4.7-4.11
+MATCH_RULES = ("exact", "inflected")
+# Irregular inflections of the tables' words; every noun also gets a regular plural.
+_IRREGULAR = {"man": ("men",), "woman": ("women",), "child": ("children",),
+              "old": ("older", "oldest"), "young": ("younger", "youngest")}
+
+logger = logging.getLogger("alignax.data")
 
 
 def quantile_bin_edges(values, *, num_bins: int) -> np.ndarray:
@@ -60,6 +76,50 @@ def assign_quantile_bins(values, edges) -> np.ndarray:
 def quantile_bins(values, *, num_bins: int) -> np.ndarray:
     """Quantile bins of `values` [N] fitted on `values` itself: int32 [N] in [0, num_bins)."""
     return assign_quantile_bins(values, quantile_bin_edges(values, num_bins=num_bins))
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthQuantileBins:
+    """Per-response bins of the response length in tokens: M quantile bins (§4.10).
+
+    `alignax.data.prepare_dataset(train, tok, response_bins=LengthQuantileBins(num_bins=10))`
+    fits the edges on every response of `train` (all roles pooled, so chosen and rejected bins
+    are comparable; lengths before truncation, EOS included) and returns them as
+    `dataset.response_bins`; pass that to `prepare_dataset` for the evaluation split, which then
+    uses the training edges.
+
+    Attributes:
+      num_bins: M.
+      edges: the M - 1 interior edges (None until fitted); bin b holds edges[b-1] <= n < edges[b].
+    """
+
+    num_bins: int
+    edges: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, (int, np.integer)) \
+                or self.num_bins < 1:
+            raise ValueError(f"num_bins must be a positive int, got {self.num_bins!r}")
+        if self.edges is not None:
+            edges = tuple(float(e) for e in self.edges)
+            if len(edges) != self.num_bins - 1 or not all(map(math.isfinite, edges)) or any(
+                    b < a for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"edges must be {self.num_bins - 1} finite, non-decreasing "
+                                 f"numbers for num_bins={self.num_bins}, got {self.edges!r}")
+            object.__setattr__(self, "edges", edges)
+
+    def fit(self, lengths) -> "LengthQuantileBins":
+        """These bins with edges fitted on `lengths` [N], or unchanged if they have edges."""
+        if self.edges is not None:
+            return self
+        edges = quantile_bin_edges(lengths, num_bins=self.num_bins)
+        return LengthQuantileBins(num_bins=self.num_bins, edges=tuple(edges.tolist()))
+
+    def assign(self, lengths) -> np.ndarray:
+        """Bin ids [N] int32 in [0, num_bins) of `lengths` [N]."""
+        if self.edges is None:
+            raise ValueError("LengthQuantileBins has no edges yet: fit it first")
+        return assign_quantile_bins(lengths, self.edges)
 
 
 def prefix_bins(texts: Sequence[str], prefixes: Sequence[str], *,
@@ -104,6 +164,32 @@ def _normalise(keyword: str) -> str:
     return " ".join(re.split(r"[\s\-]+", keyword.strip().casefold()))
 
 
+def _plural(word: str) -> str:
+    if re.search(r"[^aeiou]y$", word):
+        return word[:-1] + "ies"
+    if re.search(r"(s|x|z|ch|sh)$", word):
+        return word + "es"
+    return word + "s"
+
+
+def keyword_forms(keyword: str, *, match: str = "inflected") -> tuple[str, ...]:
+    """The normalised forms of `keyword` that match (module docstring).
+
+    >>> keyword_forms("young adult")
+    ('young adult', 'young adults')
+    >>> keyword_forms("woman"), keyword_forms("baby"), keyword_forms("woman", match="exact")
+    (('woman', 'women'), ('baby', 'babies'), ('woman',))
+    """
+    if match not in MATCH_RULES:
+        raise ValueError(f"match must be one of {MATCH_RULES}, got {match!r}")
+    keyword = _normalise(keyword)
+    if match == "exact":
+        return (keyword,)
+    *head, last = keyword.split(" ")
+    forms = (last, *_IRREGULAR.get(last, (_plural(last),)))
+    return tuple(dict.fromkeys(" ".join([*head, form]) for form in forms))
+
+
 @dataclasses.dataclass(frozen=True)
 class KeywordTable:
     """One demographic keyword table: categories (rows) and their keywords."""
@@ -112,40 +198,41 @@ class KeywordTable:
     categories: tuple[str, ...]
     keywords: tuple[tuple[str, ...], ...]
 
-    @functools.cached_property
-    def _lookup(self) -> dict[str, int]:
-        lookup: dict[str, int] = {}
-        for c, words in enumerate(self.keywords):
-            for w in words:
-                key = _normalise(w)
-                if lookup.setdefault(key, c) != c:
-                    raise ValueError(f"{self.attribute}: keyword {w!r} is in two categories")
-        return lookup
-
-    @functools.cached_property
-    def _pattern(self) -> re.Pattern:
-        words = sorted(self._lookup, key=len, reverse=True)  # longest first wins at a position
-        parts = [r"[\s\-]+".join(re.escape(t) for t in w.split(" ")) for w in words]
-        return re.compile(r"\b(?:" + "|".join(parts) + r")\b", re.IGNORECASE)
-
-    def counts(self, text: str) -> np.ndarray:
+    def counts(self, text: str, *, match: str = "inflected") -> np.ndarray:
         """Keyword occurrences per category [C] int (non-overlapping, longest first)."""
+        lookup, pattern = _compile(self, match)
         out = np.zeros(len(self.categories), np.int64)
-        for m in self._pattern.finditer(text):
-            out[self._lookup[_normalise(m.group(0))]] += 1
+        for m in pattern.finditer(text):
+            out[lookup[_normalise(m.group(0))]] += 1
         return out
 
-    def category(self, text: str) -> int:
+    def category(self, text: str, *, match: str = "inflected") -> int:
         """The category of `text` (most occurrences, ties: first mentioned) or -1 if none."""
+        lookup, pattern = _compile(self, match)
         first: dict[int, int] = {}
         counts = np.zeros(len(self.categories), np.int64)
-        for m in self._pattern.finditer(text):
-            c = self._lookup[_normalise(m.group(0))]
+        for m in pattern.finditer(text):
+            c = lookup[_normalise(m.group(0))]
             counts[c] += 1
             first.setdefault(c, m.start())
         if not first:
             return -1
         return int(min(first, key=lambda c: (-counts[c], first[c])))
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(table: KeywordTable, match: str) -> tuple[dict[str, int], re.Pattern]:
+    """form -> category, and a pattern matching any form (longest first wins at a position)."""
+    lookup: dict[str, int] = {}
+    for c, words in enumerate(table.keywords):
+        for w in words:
+            for form in keyword_forms(w, match=match):
+                if lookup.setdefault(form, c) != c:
+                    raise ValueError(f"{table.attribute}: {form!r} (from keyword {w!r}) is in two "
+                                     "categories")
+    words = sorted(lookup, key=len, reverse=True)
+    parts = [r"[\s\-]+".join(re.escape(t) for t in w.split(" ")) for w in words]
+    return lookup, re.compile(r"\b(?:" + "|".join(parts) + r")\b", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,25 +255,82 @@ def demographic_num_bins(*, unmatched: str = "exclude") -> int:
     return int(np.prod(sizes))
 
 
-def demographic_bins(texts: Sequence[str], *, unmatched: str = "exclude") -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class KeywordCoverage:
+    """Which attributes' keywords a collection of texts matches.
+
+    Attributes:
+      num_texts: texts looked at.
+      attributes: the attributes (keyword tables) checked.
+      match: the matching rule used ("exact" or "inflected").
+      matched: attribute -> texts matching one of its categories.
+      combinations: the exact set of attributes a text matched -> texts (absent: 0).
+    """
+
+    num_texts: int
+    attributes: tuple[str, ...]
+    match: str
+    matched: dict[str, int]
+    combinations: dict[tuple[str, ...], int]
+
+    @property
+    def all_matched(self) -> int:
+        """Texts matching every attribute (kept by unmatched="exclude")."""
+        return self.combinations.get(self.attributes, 0)
+
+    def __str__(self) -> str:
+        each = ", ".join(f"{a} {self.matched[a]}" for a in self.attributes)
+        return (f"{self.all_matched} of {self.num_texts} texts match all of "
+                f"{'/'.join(self.attributes)} ({self.match} keywords; per attribute: {each}; "
+                f"none: {self.combinations.get((), 0)})")
+
+
+def keyword_coverage(texts: Sequence[str], *, attributes: Sequence[str] = DEMOGRAPHIC_ATTRIBUTES,
+                     match: str = "inflected") -> KeywordCoverage:
+    """Counts which of `attributes` (keyword tables) each text matches.
+
+    >>> str(keyword_coverage(["an old woman", "two young men", "a Black child", "hello"]))
+    '0 of 4 texts match all of age/gender/race (inflected keywords; per attribute: age 3, gender 2, race 1; none: 1)'
+    """
+    tables = [load_keyword_table(a) for a in attributes]
+    combinations: collections.Counter = collections.Counter()
+    for text in texts:
+        combinations[tuple(a for a, t in zip(attributes, tables)
+                           if t.category(text, match=match) >= 0)] += 1
+    matched = {a: sum(n for combo, n in combinations.items() if a in combo) for a in attributes}
+    return KeywordCoverage(num_texts=len(texts), attributes=tuple(attributes), match=match,
+                           matched=matched, combinations=dict(combinations))
+
+
+def demographic_bins(texts: Sequence[str], *, unmatched: str = "exclude",
+                     match: str = "inflected") -> np.ndarray:
     """Age x gender x race bin of each text (§4.12.2): int32 [N].
 
     bin = (age * G + gender) * R + race over the category indices of tables 4.7, 4.8, 4.9
-    (G = 3 genders, R = 5 races), so there are 60 bins. See the module docstring for texts
-    matching several categories or none (-1 under unmatched="exclude").
+    (G = 3 genders, R = 5 races), so there are 60 bins. See the module docstring for the
+    matching rule `match`, and for texts matching several categories or none (-1 under
+    unmatched="exclude"; how many, and which attributes they miss, is logged as a warning).
     """
     extra = _extra_level(unmatched)
     tables = [load_keyword_table(a) for a in DEMOGRAPHIC_ATTRIBUTES]
     sizes = [len(t.categories) + extra for t in tables]
     out = np.empty(len(texts), np.int32)
+    missing: collections.Counter = collections.Counter()
     for i, text in enumerate(texts):
-        cats = [t.category(text) for t in tables]
+        cats = [t.category(text, match=match) for t in tables]
         if extra:
             cats = [len(t.categories) if c < 0 else c for t, c in zip(tables, cats)]
         elif min(cats) < 0:
             out[i] = -1
+            missing.update(a for a, c in zip(DEMOGRAPHIC_ATTRIBUTES, cats) if c < 0)
             continue
         out[i] = (cats[0] * sizes[1] + cats[1]) * sizes[2] + cats[2]
+    excluded = int((out < 0).sum())
+    if excluded:
+        logger.warning("demographic_bins: %d of %d texts match not all of age/gender/race and "
+                       "get bin -1 (no %s; %s keywords); unmatched='separate' keeps them with an "
+                       "'unspecified' level", excluded, len(texts),
+                       ", no ".join(f"{a}: {missing[a]}" for a in DEMOGRAPHIC_ATTRIBUTES), match)
     return out
 
 

@@ -1,14 +1,23 @@
 """Preference record formats: detection and validation into one parsed form.
 
-Supported formats (the name is the `format=` argument; "auto" detects it from the first record):
+Supported formats (the name is the `format=` argument; "auto" detects it from every record and
+refuses a dataset whose records disagree):
 
 - "standard": TRL-style `{"prompt": str, "chosen": str, "rejected": str}`.
+- "implicit_prompt": TRL's standard format without a prompt column, `{"chosen": str,
+  "rejected": str}` where both strings start with the prompt: the prompt is their longest common
+  prefix, and a space that ends it goes to the responses instead (as TRL's `extract_prompt`
+  splits such records), so "The sky is blue." / "The sky is green." gives the prompt
+  "The sky is" and the responses " blue." / " green.". Unlike TRL, a prefix that ends inside a
+  word is cut back to the whitespace before that word: "Pick: apple" / "Pick: a pear" gives
+  "Pick:" and " apple" / " a pear", where TRL gives "Pick: a" and "pple" / " pear".
 - "conversational": `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` with
   messages `{"role": str, "content": str}`; or, as in UltraFeedback-binarized, `chosen`/`rejected`
   holding the whole conversation, in which case the prompt is their longest common message
   prefix (a string `prompt` column beside them is then ignored).
-- "hh": Anthropic HH transcripts `{"chosen": str, "rejected": str}`; the prompt is everything up
-  to and including the last "\\n\\nAssistant:", and both transcripts must share it.
+- "hh": Anthropic HH transcripts `{"chosen": str, "rejected": str}` (told apart from
+  "implicit_prompt" by their "\\n\\nAssistant:" turns); the prompt is everything up to and
+  including the last "\\n\\nAssistant:", and both transcripts must share it.
 - "grouped": `{"prompt", "chosen": [k completions], "rejected": [l completions]}` (mDPO/mIPO);
   completions are strings, or message lists when the prompt is a message list.
 - "unlabeled": `{"prompt", "response_1", "response_2"}` with optional target-reward columns
@@ -21,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-FORMATS = ("standard", "conversational", "hh", "grouped", "unlabeled")
+FORMATS = ("standard", "implicit_prompt", "conversational", "hh", "grouped", "unlabeled")
 HH_ASSISTANT = "\n\nAssistant:"
 
 Messages = tuple[dict[str, str], ...]
@@ -44,7 +55,8 @@ class ParsedRecord:
         completion per role except in grouped records. A completion is a string when the prompt
         is, else a message tuple.
       rewards: role -> target reward: a float, or a tuple of E floats (one per ensemble member).
-      bin: spurious-attribute bin, or None.
+      bin: spurious-attribute bin of the record, or None.
+      response_bins: role -> one bin per completion (from `response_bin_fn`), or empty.
     """
 
     index: int
@@ -52,6 +64,7 @@ class ParsedRecord:
     responses: dict[str, tuple[Text, ...]]
     rewards: dict[str, float | tuple[float, ...]]
     bin: int | None
+    response_bins: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 def _error(index: int, field: str, problem: str) -> ValueError:
@@ -63,21 +76,32 @@ def _is_messages(value: Any) -> bool:
 
 
 def detect_format(record: Mapping[str, Any]) -> str:
-    """Names the format of `record` (see the module docstring); ValueError if none fits."""
-    keys = set(record)
+    """Names the format of `record` (see the module docstring); ValueError if none fits.
+
+    A missing column and a column holding None (how `datasets` fills a column that only some
+    records have) are the same.
+
+    >>> detect_format({"chosen": "The sky is blue.", "rejected": "The sky is green."})
+    'implicit_prompt'
+    >>> detect_format({"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello", "rejected": "..."})
+    'hh'
+    """
+    keys = {key for key, value in record.items() if value is not None}
     if {"response_1", "response_2"} <= keys:
         return "unlabeled"
     if not {"chosen", "rejected"} <= keys:
         raise ValueError(f"cannot detect the record format from columns {sorted(keys)}: expected "
                          "chosen/rejected (optionally with prompt) or prompt/response_1/response_2")
-    chosen = record["chosen"]
+    chosen, rejected = record["chosen"], record["rejected"]
     if _is_messages(chosen) or _is_messages(record.get("prompt")):
         return "conversational"
     if isinstance(chosen, (list, tuple)):
         return "grouped"
     if "prompt" in keys:
         return "standard"
-    return "hh"
+    if any(isinstance(t, str) and HH_ASSISTANT in t for t in (chosen, rejected)):
+        return "hh"
+    return "implicit_prompt"
 
 
 def _text(index: int, field: str, value: Any) -> str:
@@ -160,6 +184,32 @@ def _split_hh(record: Mapping[str, Any], index: int) -> tuple[str, dict[str, tup
     return prompts["chosen"], responses
 
 
+def _split_implicit(record: Mapping[str, Any],
+                    index: int) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """The prompt of a TRL implicit-prompt record: the longest common prefix of chosen and
+    rejected, minus a final space (which starts both responses instead), cut back to the start
+    of a word it would end inside of."""
+    chosen = _nonempty_text(index, "chosen", _field(record, index, "chosen"))
+    rejected = _nonempty_text(index, "rejected", _field(record, index, "rejected"))
+    n = len(os.path.commonprefix([chosen, rejected]))
+    if n == min(len(chosen), len(rejected)):
+        raise _error(index, "rejected" if n == len(rejected) else "chosen",
+                     "is the whole shared prefix of chosen and rejected, so nothing of it is left "
+                     "as a response (identical texts, or one a prefix of the other)")
+    word = re.compile(r"\w")
+    start = max((m.start() for m in re.finditer(r"\s", chosen[:n])), default=0)
+    if n and word.match(chosen[n - 1]) and (word.match(chosen[n]) or word.match(rejected[n])) \
+            and chosen[:start].strip():
+        n = start  # the prefix ends inside a word: cut back to the word's start
+    elif n and chosen[n - 1] == " ":
+        n -= 1
+    if not chosen[:n].strip():
+        raise _error(index, "chosen", "shares no prompt with 'rejected' (their common prefix is "
+                                      f"{chosen[:n]!r}); add a 'prompt' column")
+    return chosen[:n], {role: (_nonempty_text(index, role, text[n:]),)
+                        for role, text in (("chosen", chosen), ("rejected", rejected))}
+
+
 def _grouped(record: Mapping[str, Any], index: int) -> tuple[Text, dict[str, tuple[Text, ...]]]:
     prompt = _field(record, index, "prompt")
     conversational = _is_messages(prompt)
@@ -189,9 +239,17 @@ def _rewards(record: Mapping[str, Any], index: int, field: str) -> float | tuple
     return floats if isinstance(value, (list, tuple)) else floats[0]
 
 
+def _bin(index: int, field: str, value: Any) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise _error(index, field, f"must be an int bin, got {value!r}")
+    return int(value)
+
+
 def parse_record(record: Mapping[str, Any], index: int, *, format: str,
                  reward_columns: tuple[str, str] | None = None, bin_column: str | None = None,
-                 bin_fn: Callable[[Mapping[str, Any]], int] | None = None) -> ParsedRecord:
+                 bin_fn: Callable[[Mapping[str, Any]], int] | None = None,
+                 response_bin_fn: Callable[[Mapping[str, Any], str, Text], int] | None = None
+                 ) -> ParsedRecord:
     """Validates one record of the given `format` and returns its parsed form.
 
     Args:
@@ -202,14 +260,18 @@ def parse_record(record: Mapping[str, Any], index: int, *, format: str,
         response_2 (e.g. ("target_rewards_1", "target_rewards_2")).
       bin_column: a column holding the spurious-attribute bin, an int (negative = no bin, as
         `alignax.data.bins` marks unmatched records; mask those with `where=bins >= 0`).
-      bin_fn: or a function record -> bin.
+      bin_fn: or a function record -> bin (an int; None is refused, not read as "no bin").
+      response_bin_fn: a function (record, role, completion) -> bin of that one response,
+        called for every completion (each group member of a grouped record); the completion is
+        the parsed text (or message tuple) of the response alone.
 
     Raises:
       ValueError: naming `index` and the offending field, for a missing field, an empty
-        response, a wrong type, or a conversation that cannot be split into prompt + response.
+        response, a wrong type, a bin that is not an int, or a conversation that cannot be split
+        into prompt + response.
 
     >>> parse_record({"prompt": "Hi", "chosen": " yes", "rejected": " no"}, 0, format="standard")
-    ParsedRecord(index=0, prompt='Hi', responses={'chosen': (' yes',), 'rejected': (' no',)}, rewards={}, bin=None)
+    ParsedRecord(index=0, prompt='Hi', responses={'chosen': (' yes',), 'rejected': (' no',)}, rewards={}, bin=None, response_bins={})
     >>> parse_record({"prompt": "Hi", "chosen": "", "rejected": " no"}, 7, format="standard")
     Traceback (most recent call last):
     ValueError: record 7: field 'chosen' is empty
@@ -220,6 +282,8 @@ def parse_record(record: Mapping[str, Any], index: int, *, format: str,
         prompt = _nonempty_text(index, "prompt", _field(record, index, "prompt"))
         responses = {role: (_nonempty_text(index, role, _field(record, index, role)),)
                      for role in ("chosen", "rejected")}
+    elif format == "implicit_prompt":
+        prompt, responses = _split_implicit(record, index)
     elif format == "conversational":
         prompt, responses = _split_conversation(record, index, ("chosen", "rejected"))
     elif format == "hh":
@@ -249,16 +313,20 @@ def parse_record(record: Mapping[str, Any], index: int, *, format: str,
             raise _error(index, reward_columns[1], f"has shape {second} but {reward_columns[0]!r} "
                                                    f"has shape {first}")
 
-    bin_ = None
     if bin_column is not None and bin_fn is not None:
         raise ValueError("pass bin_column or bin_fn, not both")
+    bin_ = None
     if bin_column is not None:
-        bin_ = _field(record, index, bin_column)
-        field = bin_column
+        bin_ = _bin(index, bin_column, _field(record, index, bin_column))
     elif bin_fn is not None:
-        bin_ = bin_fn(record)
-        field = "bin_fn(record)"
-    if bin_ is not None and (isinstance(bin_, bool) or not hasattr(bin_, "__index__")):
-        raise _error(index, field, f"must be an int bin, got {bin_!r}")
+        bin_ = _bin(index, "bin_fn(record)", bin_fn(record))
+    response_bins = {}
+    if response_bin_fn is not None:
+        response_bins = {
+            role: tuple(_bin(index, f"response_bin_fn(record, {role!r}, "
+                                    f"{role if len(completions) == 1 else f'{role}[{k}]'})",
+                             response_bin_fn(record, role, completion))
+                        for k, completion in enumerate(completions))
+            for role, completions in responses.items()}
     return ParsedRecord(index=index, prompt=prompt, responses=responses, rewards=rewards,
-                        bin=None if bin_ is None else int(bin_))
+                        bin=bin_, response_bins=response_bins)

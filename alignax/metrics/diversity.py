@@ -1,15 +1,18 @@
-"""Diversity metrics of generated samples (thesis Tables 3.2-3.4, Figure 3.8).
+"""Diversity metrics of generated samples (thesis Tables 2.2-2.4, 3.2-3.4, Figure 3.8).
 
 Category metrics take counts (or probabilities) over C categories, [..., C], and normalise
-them; a row with no mass has no distribution and gives NaN. All are jittable, float32.
+them; a row with no mass has no distribution and gives NaN. They are jittable, float32.
+`distinct_n` and `self_bleu` take Python sequences of samples and return a float.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+import sacrebleu
 
 from alignax._checks import as_float32
 
@@ -81,3 +84,49 @@ def distinct_n(sequences, *, n: int, per: str = "tokens") -> float:
             num_ngrams += 1
     denominator = num_tokens if per == "tokens" else num_ngrams
     return len(seen) / denominator if denominator else 0.0
+
+
+def self_bleu(samples: Sequence, *, max_order: int = 4) -> float:
+    """Self-BLEU (Zhu et al., 2018, Texygen) of a set of samples, in [0, 1]; lower is more diverse.
+
+    Each sample in turn is the hypothesis and the other K - 1 samples are its references; the
+    result is the mean of these K sentence-level BLEU scores (thesis Tables 2.2-2.4, whose
+    values are on this [0, 1] scale). BLEU is sacreBLEU's sentence BLEU (`BLEU(
+    effective_order=True)`, its sentence-level default: exponential smoothing of n-gram orders
+    with no match, orders longer than the hypothesis left out, brevity penalty against the
+    closest reference length), divided by 100.
+
+    Args:
+      samples: K >= 2 samples of one prompt, either all strings (tokenised by sacreBLEU's
+        standard "13a" tokeniser) or all token sequences (lists / 1-D arrays of ints; each
+        token is one word).
+      max_order: highest n-gram order (BLEU-4 by default).
+
+    Returns:
+      A Python float in [0, 1] (1 when all samples are identical and at least max_order long).
+
+    Examples:
+      >>> self_bleu(["the cat sat on the mat", "the cat sat on the mat"])
+      1.0
+      >>> self_bleu([[1, 2, 3], [4, 5, 6]])
+      0.0
+    """
+    samples = list(samples)
+    if len(samples) < 2:
+        raise ValueError(f"self_bleu needs at least 2 samples (each is scored against the "
+                         f"others), got {len(samples)}")
+    if not isinstance(max_order, int) or max_order < 1:
+        raise ValueError(f"max_order must be a positive int, got {max_order!r}")
+    is_text = [isinstance(s, str) for s in samples]
+    if any(is_text) and not all(is_text):
+        raise TypeError("self_bleu samples must be all strings or all token sequences, got a mix")
+    if all(is_text):
+        texts, tokenize = samples, "13a"
+    else:
+        texts, tokenize = [" ".join(str(int(t)) for t in np.asarray(s).reshape(-1))
+                           for s in samples], "none"
+    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize, effective_order=True,
+                                  max_ngram_order=max_order)
+    scores = [bleu.sentence_score(texts[i], texts[:i] + texts[i + 1:]).score
+              for i in range(len(texts))]
+    return min(float(np.mean(scores)) / 100.0, 1.0)  # 1 + 4e-16 from sacreBLEU's exp(log)

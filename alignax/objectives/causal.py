@@ -495,3 +495,153 @@ def _resolve_bandwidth(bandwidth, feats_w, feats_l, where):
         pooled_where = None if where is None else jnp.concatenate([jnp.asarray(where, bool)] * 2)
         return median_heuristic_bandwidth(pooled, where=pooled_where)
     return bandwidth
+
+
+# ------------------------------------------------------------------------------------------
+# Objective configs (the contract is in alignax.objectives.registry): Causal DPO and the causal
+# reward model, on the step's scores and the batch's bins.
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from alignax.objectives.fdpo import check_divergence  # noqa: E402
+from alignax.objectives.registry import (CAUSAL_LM, PAIR_FORMATS, PAIR_ROLES,  # noqa: E402
+                                         REWARD_MODEL, Needs, Objective, ObjectiveInputs,
+                                         check_hyper, pair_metrics, register)
+from alignax.objectives.reward import per_example  # noqa: E402
+from alignax.schedules import Hyper  # noqa: E402
+
+
+def _check_mmd_fields(objective: Objective) -> None:
+    """lam >= 0, num_bins >= 2, a positive bandwidth (or a tuple of them, or "median"), a known
+    reduction, bool flags."""
+    check_hyper(objective, "lam", low=0.0, inclusive=True)
+    name = objective.name
+    if isinstance(objective.num_bins, bool) or not isinstance(objective.num_bins, int) \
+            or objective.num_bins < 2:
+        raise ValueError(f"{name}: num_bins must be an int >= 2 (the MMD compares bins), got "
+                         f"{objective.num_bins!r}")
+    if objective.bandwidth != "median":
+        widths = (objective.bandwidth if isinstance(objective.bandwidth, tuple)
+                  else (objective.bandwidth,))
+        if not widths or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                 and math.isfinite(w) and w > 0 for w in widths):
+            raise ValueError(f"{name}: bandwidth must be 'median', a finite number > 0 or a "
+                             f"tuple of them, got {objective.bandwidth!r}")
+    if objective.reduction not in _REDUCTIONS:
+        raise ValueError(f"{name}: reduction must be one of {_REDUCTIONS}, got "
+                         f"{objective.reduction!r}")
+    for flag in ("conditional", "unbiased"):
+        if not isinstance(getattr(objective, flag), bool):
+            raise TypeError(f"{name}: {flag} must be a bool, got {getattr(objective, flag)!r}")
+
+
+@register("causal_dpo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CausalDPO(Objective):
+    """Causal DPO (thesis eq. 4.4): f-DPO + lam * binned MMD^2 of the log-ratios over the bins
+    of a spurious variable (`causal_dpo_loss`).
+
+    The MMD term is a statistic of the whole batch: with gradient accumulation it is computed
+    on each micro-batch (as the thesis' mini-batch estimator is), so the update differs from a
+    full-batch one. Bins: f"{role}_bin" per response when the batch has them, else "bin".
+
+    Attributes:
+      lam: >= 0 (or a schedule), MMD weight.
+      num_bins: M >= 2; the bins are ints in [0, M).
+      beta: > 0 (or a schedule), DPO temperature.
+      bandwidth: "median" (median heuristic on the batch's log-ratios), a number > 0 or a
+        tuple of them (a sum of Gaussian kernels), in log-ratio units.
+      conditional: False pools chosen and rejected responses (eq. 4.4, the default of
+        `causal_dpo_loss`); True regularises within each subset (§4.6).
+      unbiased, reduction: as in `binned_mmd2`.
+      divergence, alpha: of the f-DPO term, as in `FDPO`.
+      nll_weight: >= 0 (or a schedule), as in `FDPO`.
+    """
+
+    lam: Hyper
+    num_bins: int
+    beta: Hyper = 0.1
+    bandwidth: float | tuple[float, ...] | str = "median"
+    conditional: bool = False
+    unbiased: bool = True
+    reduction: str = "sum"
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+    nll_weight: Hyper = 0.0
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=PAIR_ROLES, formats=PAIR_FORMATS,
+                                   bins=True, batch_level=True)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("lam", "beta", "nll_weight")
+
+    def __post_init__(self):
+        check_hyper(self, "beta", low=0.0)
+        check_hyper(self, "nll_weight", low=0.0, inclusive=True)
+        _check_mmd_fields(self)
+        check_divergence(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"].h, x.scores["rejected"].h  # [B] each
+        loss = causal_dpo_loss(chosen, rejected, x.bins("chosen"), x.bins("rejected"),
+                               beta=hp["beta"], lam=hp["lam"], num_bins=self.num_bins,
+                               bandwidth=self.bandwidth, divergence=self.divergence,
+                               alpha=self.alpha, conditional=self.conditional,
+                               unbiased=self.unbiased, reduction=self.reduction)  # eq. 4.4
+        dpo = fdpo_loss(chosen, rejected, beta=hp["beta"], divergence=self.divergence,
+                        alpha=self.alpha)
+        return loss, {**pair_metrics(chosen, rejected, hp["beta"]),
+                      "causal/mmd_term": jnp.mean(loss - dpo)}
+
+
+@register("causal_reward")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CausalReward(Objective):
+    """Causal reward model (thesis §4.5.1, §4.6): Bradley-Terry + lam * binned MMD^2 of the
+    rewards over the bins of a spurious variable (`causal_reward_loss`), training a reward
+    model (each head of a multi-head model / ensemble regularised on its own, then averaged).
+
+    The MMD term is a statistic of the whole batch (computed per micro-batch under gradient
+    accumulation, see `CausalDPO`).
+
+    Attributes:
+      lam: >= 0 (or a schedule); num_bins: M >= 2.
+      bandwidth: "median" (median heuristic on the batch's rewards), a number > 0 or a tuple.
+      conditional: True (the default of `causal_reward_loss`, §4.6) regularises chosen and
+        rejected rewards separately; False pools them (unconditional CRM).
+      unbiased, reduction: as in `binned_mmd2`.
+      margin: Bradley-Terry margin (any finite number, or a schedule).
+    """
+
+    lam: Hyper
+    num_bins: int
+    bandwidth: float | tuple[float, ...] | str = "median"
+    conditional: bool = True
+    unbiased: bool = True
+    reduction: str = "sum"
+    margin: Hyper = 0.0
+
+    needs: ClassVar[Needs] = Needs(model=REWARD_MODEL, roles=PAIR_ROLES, formats=PAIR_FORMATS,
+                                   reference=False, bins=True, batch_level=True)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("lam", "margin")
+
+    def __post_init__(self):
+        check_hyper(self, "margin", low=-math.inf)
+        _check_mmd_fields(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"].policy, x.scores["rejected"].policy  # [B, *heads]
+        size = chosen.shape[0]
+
+        def one_head(r_w, r_l):  # [B] each -> [B]
+            return causal_reward_loss(r_w, r_l, x.bins("chosen"), x.bins("rejected"),
+                                      lam=hp["lam"], num_bins=self.num_bins,
+                                      bandwidth=self.bandwidth, conditional=self.conditional,
+                                      unbiased=self.unbiased, reduction=self.reduction,
+                                      margin=hp["margin"])  # §4.5.1
+
+        heads_w, heads_l = chosen.reshape(size, -1), rejected.reshape(size, -1)  # [B, H]
+        loss = jnp.mean(jax.vmap(one_head, in_axes=1, out_axes=1)(heads_w, heads_l), axis=1)
+        plain = per_example(bradley_terry_loss(chosen, rejected, margin=hp["margin"]))
+        return loss, {**pair_metrics(per_example(chosen), per_example(rejected)),
+                      "causal/mmd_term": jnp.mean(loss - plain)}

@@ -377,3 +377,132 @@ def pessimistic_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: fl
     fallback = jnp.ldexp(fdpo_loss(*args[:2], beta=args[2] * scale, divergence=divergence,
                                    alpha=alpha) + args[3], k)
     return jnp.where(mask, _sum_or_fallback(dpo, gamma * penalty, fallback), 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Objective configs (the contract is in alignax.objectives.registry): d-DPO, pd-DPO / e-DPO
+# and p-DPO on the step's scores and the batch's target rewards.
+
+import dataclasses  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from alignax.objectives.fdpo import check_divergence  # noqa: E402
+from alignax.objectives.registry import (CAUSAL_LM, PAIR_FORMATS, PAIR_ROLES,  # noqa: E402
+                                         UNLABELED_FORMATS, UNLABELED_ROLES, Needs, Objective,
+                                         ObjectiveInputs, check_hyper, pair_metrics, register)
+from alignax.schedules import Hyper  # noqa: E402
+
+
+def _check_fields(objective: Objective) -> None:
+    check_hyper(objective, "beta", low=0.0)
+    if "gamma" in objective.hyper_parameters:
+        check_hyper(objective, "gamma", low=0.0, inclusive=True)
+    if "nll_weight" in objective.hyper_parameters:
+        check_hyper(objective, "nll_weight", low=0.0, inclusive=True)
+    check_divergence(objective)
+
+
+@register("distill")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Distill(Objective):
+    """d-DPO (004 eq. 7): `distill_loss` of unlabeled pairs against one target reward model's
+    scores "target_rewards_1" / "target_rewards_2" [B] (an ensemble: `PessimisticDistill`).
+
+    Attributes:
+      beta: > 0 (or a schedule), the KL strength of the distilled RLHF objective.
+      divergence, alpha: as in `FDPO` (module docstring: the f-distillation loss).
+    """
+
+    beta: Hyper = 0.1
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=UNLABELED_ROLES,
+                                   formats=UNLABELED_FORMATS, target_rewards=True)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("beta",)
+
+    def __post_init__(self):
+        _check_fields(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        h_1, h_2 = x.scores["response_1"].h, x.scores["response_2"].h  # [B] each
+        loss = distill_loss(h_1, h_2, x.columns["target_rewards_1"],
+                            x.columns["target_rewards_2"], beta=hp["beta"],
+                            divergence=self.divergence, alpha=self.alpha)  # 004 eq. 7
+        return loss, {"distill/implicit_margin": jnp.mean(hp["beta"] * (h_1 - h_2))}
+
+
+@register("pessimistic_distill")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PessimisticDistill(Objective):
+    """pd-DPO (one target reward, [B]) and e-DPO (an ensemble, [B, E]), 004 eq. 11:
+    `pessimistic_distill_loss`, the min over the ensemble of the batch distillation loss plus
+    gamma times the forward KL, the pair responses standing in for pi_ref samples (004 §5).
+
+    The min is taken over the batch (004 footnote 2): the loss is a batch scalar, spread
+    evenly over the B rows. With gradient accumulation it is taken per micro-batch, so the
+    update differs from a full-batch one.
+
+    Attributes:
+      gamma: >= 0 (or a schedule, e.g. `alignax.schedules.pessimism_schedule`, the linear
+        1e-4 -> 1e-2 annealing of 004 §4.1), weight of the forward-KL term.
+      beta: > 0 (or a schedule).
+      divergence, alpha: of the distillation term, as in `Distill`.
+    """
+
+    gamma: Hyper
+    beta: Hyper = 0.1
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=UNLABELED_ROLES,
+                                   formats=UNLABELED_FORMATS, target_rewards=True,
+                                   ensemble=True, batch_level=True)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("gamma", "beta")
+
+    def __post_init__(self):
+        _check_fields(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        h_1, h_2 = x.scores["response_1"].h, x.scores["response_2"].h  # [B] each
+        rewards_1, rewards_2 = x.columns["target_rewards_1"], x.columns["target_rewards_2"]
+        if rewards_1.ndim == 2:  # the batch's [B, E] -> the loss's [E, B]
+            rewards_1, rewards_2 = rewards_1.T, rewards_2.T
+        loss, aux = pessimistic_distill_loss(h_1, h_2, rewards_1, rewards_2, beta=hp["beta"],
+                                             gamma=hp["gamma"], divergence=self.divergence,
+                                             alpha=self.alpha)  # 004 eq. 11
+        return jnp.broadcast_to(loss, h_1.shape), {
+            "pessimistic/argmin_member": aux["member"], "pessimistic/distill": aux["distill"],
+            "pessimistic/forward_kl": aux["forward_kl"]}
+
+
+@register("pessimistic_dpo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PessimisticDPO(Objective):
+    """p-DPO (004 eq. 13): f-DPO plus gamma times the forward KL estimated on the pair's
+    completions (`pessimistic_dpo_loss`).
+
+    Attributes:
+      gamma: >= 0 (or a schedule, e.g. `alignax.schedules.pessimism_schedule`).
+      beta: > 0 (or a schedule).
+      divergence, alpha: of the f-DPO term, as in `FDPO`.
+      nll_weight: >= 0 (or a schedule), as in `FDPO`.
+    """
+
+    gamma: Hyper
+    beta: Hyper = 0.1
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+    nll_weight: Hyper = 0.0
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=PAIR_ROLES, formats=PAIR_FORMATS)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("gamma", "beta", "nll_weight")
+
+    def __post_init__(self):
+        _check_fields(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"].h, x.scores["rejected"].h  # [B] each
+        loss = pessimistic_dpo_loss(chosen, rejected, beta=hp["beta"], gamma=hp["gamma"],
+                                    divergence=self.divergence, alpha=self.alpha)  # 004 eq. 13
+        return loss, pair_metrics(chosen, rejected, hp["beta"])

@@ -222,3 +222,120 @@ def nll_loss(token_logps: jax.Array, mask: jax.Array) -> jax.Array:
     mask = jnp.asarray(mask) != 0
     logps = jnp.where(mask, as_float32(token_logps), 0.0)  # keep -inf at padding out
     return -masked_mean(logps, mask, axis=-1)  # finite even for log-probs near -float32 max
+
+
+# ------------------------------------------------------------------------------------------
+# Objective configs (the contract is in alignax.objectives.registry): SFT, f-DPO, DPO, IPO as
+# registered, validated hyper-parameter dataclasses that the train step calls on its scores.
+# (Imported here, below the loss functions, so that this section stays self-contained.)
+
+import dataclasses  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from alignax.objectives.registry import (CAUSAL_LM, GROUPED_FORMATS, PAIR_FORMATS,  # noqa: E402
+                                         PAIR_ROLES, Needs, Objective, ObjectiveInputs,
+                                         check_hyper, chosen_nll, pair_metrics, register)
+from alignax.schedules import Hyper  # noqa: E402
+
+
+def check_divergence(objective: Objective) -> None:
+    """`get_divergence(objective.divergence, alpha=objective.alpha)` with the objective named."""
+    try:
+        get_divergence(objective.divergence, alpha=objective.alpha)
+    except ValueError as error:
+        raise ValueError(f"{objective.name}: {error}") from None
+
+
+@register("sft")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SFT(Objective):
+    """Supervised fine-tuning on the chosen responses: mean over response tokens of
+    -log pi(y_t) per example (`nll_loss`); grouped data: averaged over the group's members."""
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=("chosen",),
+                                   formats=PAIR_FORMATS + GROUPED_FORMATS, grouped=None,
+                                   reference=False)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        return chosen_nll(x.scores["chosen"]), {}
+
+
+@register("fdpo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FDPO(Objective):
+    """f-DPO (thesis eq. 2.2): `fdpo_loss` of the pair's log-ratios.
+
+    Attributes:
+      beta: > 0 (or a schedule), strength of the divergence regulariser.
+      divergence: "reverse_kl" (DPO), "forward_kl", "jsd" or "alpha" (Table 2.1).
+      alpha: in (0, 1), only for divergence="alpha".
+      nll_weight: >= 0 (or a schedule), weight of the SFT term on the chosen responses
+        (thesis ch. 3, footnote 3); 0 leaves it out.
+    """
+
+    beta: Hyper = 0.1
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+    nll_weight: Hyper = 0.0
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=PAIR_ROLES, formats=PAIR_FORMATS)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("beta", "nll_weight")
+
+    def __post_init__(self):
+        check_hyper(self, "beta", low=0.0)
+        check_hyper(self, "nll_weight", low=0.0, inclusive=True)
+        check_divergence(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"].h, x.scores["rejected"].h  # [B] each
+        loss = fdpo_loss(chosen, rejected, beta=hp["beta"], divergence=self.divergence,
+                         alpha=self.alpha)  # thesis eq. 2.2
+        margin = get_divergence(self.divergence, alpha=self.alpha).f_prime_difference(
+            chosen, rejected)  # f'(u_w) - f'(u_l)
+        return loss, {**pair_metrics(chosen, rejected, hp["beta"]),
+                      "fdpo/f_prime_margin": jnp.mean(margin)}
+
+
+@register("dpo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPO(FDPO):
+    """DPO: f-DPO with the reverse KL, -log sigmoid(beta (h_w - h_l)) (thesis eq. 2.2)."""
+
+    divergence: str = dataclasses.field(default="reverse_kl", init=False, repr=False)
+    alpha: None = dataclasses.field(default=None, init=False, repr=False)
+
+
+@register("ipo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IPO(Objective):
+    """IPO, (h_w - h_l - 1/(2 tau))^2 (`ipo_loss`, Azar et al. 2023 eq. 17).
+
+    Attributes:
+      tau: > 0 (or a schedule); the target margin is 1/(2 tau).
+      length_normalized: False (the IPO paper's form, on the summed log-ratios) or True
+        (TRL's `loss_type="ipo"` convention: each log-ratio divided by its completion's number
+        of scored tokens before the loss).
+      nll_weight: >= 0 (or a schedule), as in `FDPO`.
+    """
+
+    tau: Hyper = 0.1
+    length_normalized: bool = False
+    nll_weight: Hyper = 0.0
+
+    needs: ClassVar[Needs] = Needs(model=CAUSAL_LM, roles=PAIR_ROLES, formats=PAIR_FORMATS)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("tau", "nll_weight")
+
+    def __post_init__(self):
+        check_hyper(self, "tau", low=0.0)
+        check_hyper(self, "nll_weight", low=0.0, inclusive=True)
+        if not isinstance(self.length_normalized, bool):
+            raise TypeError(f"ipo: length_normalized must be a bool, got "
+                            f"{self.length_normalized!r}")
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"], x.scores["rejected"]
+        h_w, h_l = chosen.h, rejected.h  # [B] each
+        if self.length_normalized:  # TRL: log-ratio per scored completion token
+            h_w = h_w / jnp.maximum(chosen.num_tokens, 1.0)
+            h_l = h_l / jnp.maximum(rejected.num_tokens, 1.0)
+        return ipo_loss(h_w, h_l, tau=hp["tau"]), pair_metrics(h_w, h_l)

@@ -522,3 +522,92 @@ def group_nll_loss(token_logps: jax.Array, token_mask: jax.Array,
     per_member = jnp.where(group_mask, jnp.reshape(per_member, (b, k)), 0.0)  # [B, K]
     count = jnp.sum(group_mask, axis=-1)
     return jnp.sum(per_member, axis=-1) / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# Objective configs (the contract is in alignax.objectives.registry): mDPO and mIPO on the
+# step's grouped scores [B, K].
+
+import dataclasses  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from alignax.objectives.fdpo import check_divergence  # noqa: E402
+from alignax.objectives.registry import (CAUSAL_LM, GROUPED_FORMATS, PAIR_ROLES,  # noqa: E402
+                                         Needs, Objective, ObjectiveInputs, check_hyper,
+                                         group_mean, pair_metrics, register)
+from alignax.schedules import Hyper  # noqa: E402
+
+_GROUPED = Needs(model=CAUSAL_LM, roles=PAIR_ROLES, formats=GROUPED_FORMATS, grouped=True)
+
+
+@register("mdpo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MDPO(Objective):
+    """Multi-sample DPO (§3.5.1) on groups of chosen / rejected responses: `mdpo_loss`.
+
+    Attributes:
+      beta: > 0 (or a schedule).
+      divergence, alpha: f-divergence of the implicit reward (Table 2.1), as in `FDPO`.
+      nll_weight: >= 0 (or a schedule), weight of the SFT term averaged over the chosen group
+        (`group_nll_loss`, thesis ch. 3 footnote 3).
+    """
+
+    beta: Hyper = 0.1
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+    nll_weight: Hyper = 0.0
+
+    needs: ClassVar[Needs] = _GROUPED
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("beta", "nll_weight")
+
+    def __post_init__(self):
+        check_hyper(self, "beta", low=0.0)
+        check_hyper(self, "nll_weight", low=0.0, inclusive=True)
+        check_divergence(self)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"], x.scores["rejected"]  # h, masks [B, K] / [B, L]
+        loss = mdpo_loss(chosen.h, rejected.h, beta=hp["beta"], chosen_mask=chosen.group_mask,
+                         rejected_mask=rejected.group_mask, divergence=self.divergence,
+                         alpha=self.alpha)  # §3.5.1
+        return loss, pair_metrics(group_mean(chosen.h, chosen.group_mask),
+                                  group_mean(rejected.h, rejected.group_mask), hp["beta"])
+
+
+@register("mipo")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MIPO(Objective):
+    """Multi-sample IPO with the unbiased mini-batch estimator of Proposition 1: `mipo_loss`.
+
+    Attributes:
+      tau: > 0 (or a schedule); the target margin is 1/(2 tau).
+      unbiased: subtract var_w/K + var_l/L (Prop. 1); needs groups of >= 2 members.
+      divergence, alpha: as in `MDPO`.
+      nll_weight: >= 0 (or a schedule), as in `MDPO`.
+    """
+
+    tau: Hyper = 0.1
+    unbiased: bool = True
+    divergence: str = "reverse_kl"
+    alpha: float | None = None
+    nll_weight: Hyper = 0.0
+
+    needs: ClassVar[Needs] = _GROUPED
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("tau", "nll_weight")
+
+    def __post_init__(self):
+        check_hyper(self, "tau", low=0.0)
+        check_hyper(self, "nll_weight", low=0.0, inclusive=True)
+        check_divergence(self)
+        if not isinstance(self.unbiased, bool):
+            raise TypeError(f"mipo: unbiased must be a bool, got {self.unbiased!r}")
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"], x.scores["rejected"]
+        loss, extra = mipo_loss_with_metrics(
+            chosen.h, rejected.h, tau=hp["tau"], unbiased=self.unbiased,
+            chosen_mask=chosen.group_mask, rejected_mask=rejected.group_mask,
+            divergence=self.divergence, alpha=self.alpha)  # Prop. 1
+        return loss, {**pair_metrics(group_mean(chosen.h, chosen.group_mask),
+                                     group_mean(rejected.h, rejected.group_mask)),
+                      **{f"mipo/{k}": v for k, v in extra.items()}}

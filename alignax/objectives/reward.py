@@ -77,3 +77,46 @@ def reward_margin(chosen_rewards: jax.Array, rejected_rewards: jax.Array) -> jax
     """Per-pair reward margin r_w - r_l. [B] float32."""
     check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     return as_float32(chosen_rewards) - as_float32(rejected_rewards)
+
+
+# ------------------------------------------------------------------------------------------
+# Objective config (the contract is in alignax.objectives.registry): Bradley-Terry reward
+# model training on the step's reward-model scores.
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+from typing import ClassVar  # noqa: E402
+
+from alignax.objectives.registry import (PAIR_FORMATS, PAIR_ROLES, REWARD_MODEL,  # noqa: E402
+                                         Needs, Objective, ObjectiveInputs, check_hyper,
+                                         pair_metrics, register)
+from alignax.schedules import Hyper  # noqa: E402
+
+
+def per_example(x: jax.Array) -> jax.Array:
+    """[B, *heads] -> [B]: the mean over any reward heads / ensemble members after the batch."""
+    return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+
+
+@register("bradley_terry")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BradleyTerry(Objective):
+    """Reward-model training, -log sigmoid(r_w - r_l - margin) (`bradley_terry_loss`, §4.5.1).
+
+    Trains a `RewardModel` (or a multi-head model / `RewardEnsemble`: every head's loss,
+    averaged). Attributes: margin (any finite number, or a schedule).
+    """
+
+    margin: Hyper = 0.0
+
+    needs: ClassVar[Needs] = Needs(model=REWARD_MODEL, roles=PAIR_ROLES, formats=PAIR_FORMATS,
+                                   reference=False)
+    hyper_parameters: ClassVar[tuple[str, ...]] = ("margin",)
+
+    def __post_init__(self):
+        check_hyper(self, "margin", low=-math.inf)
+
+    def loss(self, x: ObjectiveInputs, hp):
+        chosen, rejected = x.scores["chosen"].policy, x.scores["rejected"].policy  # [B, *heads]
+        loss = bradley_terry_loss(chosen, rejected, margin=hp["margin"])
+        return per_example(loss), pair_metrics(per_example(chosen), per_example(rejected))

@@ -76,7 +76,7 @@ def compute_reference_logps(graphdef: nnx.GraphDef, params: Any, dataset, roles:
     """
 
     @jax.jit
-    def forward(params, batch):
+    def forward(params, model_state, batch):  # the frozen model state is an argument
         compute = cast_floating(params, compute_dtype)
         model = (nnx.merge(graphdef, compute) if model_state is None
                  else nnx.merge(graphdef, compute, model_state))
@@ -99,7 +99,7 @@ def compute_reference_logps(graphdef: nnx.GraphDef, params: Any, dataset, roles:
         else:
             keep = {f"{r}_{c}": batch[f"{r}_{c}"] for r in roles
                     for c in ("input_ids", "attention_mask", "loss_mask")}
-        out = jax.device_get(forward(params, keep))
+        out = jax.device_get(forward(params, model_state, keep))
         for role in roles:
             values = np.asarray(out[role])[:rows]
             if role not in table:

@@ -1,16 +1,19 @@
-"""`make_train_step`: one jitted, sharded, state-donating update for any objective adapter.
+"""`make_train_step`: one jitted, sharded, state-donating update for any registered objective.
 
-Data flow (DESIGN.md): batch -> policy (and frozen reference) final hidden states ->
-`chunked_sequence_logprobs` per role (never [B, T, V] logits) -> objective(log-probs, batch)
--> mean -> grad (accumulated over micro-batches) -> optax update. A non-finite loss or
-gradient leaves the state unchanged, so the caller can save it as the last good checkpoint.
+Data flow: batch -> policy (and frozen reference) final hidden states ->
+`chunked_sequence_logprobs` per role (never [B, T, V] logits) -> typed scores per role
+(`alignax.objectives.Scores`: log-probs, log-ratios h, token counts, group masks) ->
+objective -> mean -> grad (accumulated over micro-batches) -> optax update. The update is
+applied only when the loss, the gradient, the new parameters and the new optimizer state are
+all finite; otherwise the state comes back unchanged, so the caller can save it as the last
+good checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import chex
 import jax
@@ -20,22 +23,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from alignax.logprobs import chunked_sequence_logprobs, next_token_targets
-from alignax.training.mesh import batch_sharding, replicated
-from alignax.training.objectives import Objective
+from alignax.models.remat import check_remat
+from alignax.objectives.registry import REWARD_MODEL, Objective, ObjectiveInputs, Scores
+from alignax.training.compatibility import check_batch, check_compatible
+from alignax.training.mesh import BATCH_AXES, batch_sharding, replicated
 from alignax.training.state import TrainState, cast_floating
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole forward in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """How a step computes (not what it optimises).
 
     grad_accum_steps: micro-batches per update; the batch size must be a multiple of it.
-    remat: None, "full" or "dots" (`REMAT_POLICIES`): rematerialise the policy forward.
+    remat: None, "dots", "full" or "offload": per-layer rematerialisation of the model
+      forward (`alignax.models.remat`).
     compute_dtype: "float32" or "bfloat16" activations/matmuls; the master parameters,
       optimizer state, log-probs and losses stay float32.
     chunk_size / vocab_chunk_size: `chunked_sequence_logprobs` blocks.
@@ -54,7 +54,8 @@ class StepConfig:
 
 
 def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
-                  chunk_size: int, vocab_chunk_size: int | None) -> dict[str, jax.Array]:
+                  chunk_size: int, vocab_chunk_size: int | None,
+                  remat: str | None = None) -> dict[str, jax.Array]:
     """Per-sequence log pi(response | prompt) of each role, in one concatenated forward pass.
 
     Args:
@@ -77,7 +78,7 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
             cols.append(jnp.pad(x, ((0, 0), (0, length - ids.shape[-1]))))  # right-pad to T
         rows.append(cols)
     ids, attention_mask, loss_mask = (jnp.concatenate(c, axis=0) for c in zip(*rows))  # [N, T]
-    hidden = model.hidden_states(ids, attention_mask=attention_mask)  # [N, T, D]
+    hidden = model.hidden_states(ids, attention_mask=attention_mask, remat=remat)  # [N, T, D]
     targets, mask = next_token_targets(ids, loss_mask.astype(bool) & attention_mask.astype(bool))
     logps = chunked_sequence_logprobs(hidden, model.unembedding(), targets, mask,
                                       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
@@ -90,8 +91,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
 
 
 def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...],
-                         *, chunk_size: int, vocab_chunk_size: int | None
-                         ) -> dict[str, jax.Array]:
+                         *, chunk_size: int, vocab_chunk_size: int | None,
+                         remat: str | None = None) -> dict[str, jax.Array]:
     """`role_logprobs` from the batch's shared-prompt rows ("packed_*" columns).
 
     One forward pass over [B, L] packed rows (segment mask: each response reads the prompt
@@ -123,7 +124,8 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
     hidden = model.hidden_states(batch["packed_input_ids"],
                                  attention_mask=batch["packed_attention_mask"],
                                  positions=batch["packed_positions"],
-                                 segment_ids=batch["packed_segment_ids"])  # [B, L, D]
+                                 segment_ids=batch["packed_segment_ids"],
+                                 remat=remat)  # [B, L, D]
     scored = jnp.take_along_axis(hidden, index.reshape(b, m * width, 1), axis=1)  # [B, M*R, D]
     logps = chunked_sequence_logprobs(
         scored.reshape(b * m, width, hidden.shape[-1]), model.unembedding(),
@@ -139,12 +141,13 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
     return {role: out[role] for role in roles}
 
 
-def role_rewards(model: nnx.Module, batch: dict[str, jax.Array],
-                 roles: tuple[str, ...]) -> dict[str, jax.Array]:
-    """A RewardModel's scores of each role's sequences, in one concatenated forward pass.
+def role_rewards(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
+                 remat: str | None = None) -> dict[str, jax.Array]:
+    """A reward model's scores of each role's sequences, in one concatenated forward pass.
 
     Returns:
-      role -> [B] (or [B, K]; [E, B] per role for an E-head model) float32.
+      role -> [B] float32 ([B, E] for an E-head model, [B, M] / [B, M, E] for an ensemble of
+      M: the batch axis first, as in every batch column).
     """
     length = max(batch[f"{r}_input_ids"].shape[-1] for r in roles)
     ids, masks, leads = [], [], []
@@ -154,105 +157,228 @@ def role_rewards(model: nnx.Module, batch: dict[str, jax.Array],
         pad = ((0, 0), (0, length - x.shape[-1]))
         ids.append(jnp.pad(x.reshape(-1, x.shape[-1]), pad))  # [B(*K), T]
         masks.append(jnp.pad(m.reshape(-1, m.shape[-1]), pad))
-    scores = model(jnp.concatenate(ids), attention_mask=jnp.concatenate(masks))  # [..., N]
+    scores = model(jnp.concatenate(ids), attention_mask=jnp.concatenate(masks),
+                   remat=remat)  # [*heads, N]
+    heads = scores.ndim - 1
     out, start = {}, 0
     for role, lead in zip(roles, leads):
         size = math.prod(lead)
-        out[role] = scores[..., start:start + size].reshape(*scores.shape[:-1], *lead)
+        role_scores = scores[..., start:start + size].reshape(*scores.shape[:-1], *lead)
+        out[role] = jnp.moveaxis(role_scores, tuple(range(heads)),
+                                 tuple(range(-heads, 0)))  # [*heads, B] -> [B, *heads]
         start += size
     return out
+
+
+def response_token_counts(batch: dict[str, jax.Array], role: str) -> jax.Array:
+    """[B] (or [B, K]) float32 number of scored response tokens of `role`: the loss-mask
+    positions after the first (position 0 is never a next-token target)."""
+    mask = batch[f"{role}_loss_mask"].astype(bool) & batch[f"{role}_attention_mask"].astype(bool)
+    return jnp.sum(mask[..., 1:], axis=-1).astype(jnp.float32)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """[] bool: every floating leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def _side_column(name: str) -> bool:
+    """Columns handed to the objective as they are: bins and target rewards."""
+    return name == "bin" or name.endswith("_bin") or name.startswith("target_rewards_")
+
+
+class TrainStep:
+    """The train step: `step(state, batch, reference_params=None) -> (state, metrics)`.
+
+    Each call checks the batch against the objective (`alignax.training.compatibility.
+    check_batch`: the columns it reads, ranks, leading sizes, dtypes; the batch size against
+    the mesh and the micro-batches; cached per shape signature, so a repeated shape costs a
+    dict lookup), keeps the columns the step reads, and runs the jitted update.
+
+    Attributes:
+      objective: the registered objective config.
+      config: the StepConfig.
+      mesh: the training mesh.
+      model_state: the frozen model state, passed to `jitted` on every call as an argument
+        (never a constant baked into the program): `split_model`'s non-parameter state, or
+        the frozen base weights of an adapter (LoRA) run.
+      jitted: the `jax.jit` function `(state, batch, reference_params, model_state)`; the
+        state is donated. `step.lower(...)` lowers it for XLA's memory / cost analysis.
+    """
+
+    def __init__(self, jitted, *, objective: Objective, config: StepConfig, mesh: Mesh,
+                 reference: str, model_state: Any):
+        self.jitted = jitted
+        self.objective = objective
+        self.config = config
+        self.mesh = mesh
+        self.reference = reference
+        self.model_state = model_state
+        self._checked: dict[tuple, tuple[str, ...]] = {}
+
+    @property
+    def needs_reference_params(self) -> bool:
+        """Whether a call must pass frozen reference parameters."""
+        return self.reference == "model" and self.objective.needs.reference
+
+    def check_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The columns of `batch` the step reads, after checking them (module docstring).
+
+        Raises:
+          ValueError: naming the offending column (or the batch size) and the fix.
+        """
+        signature = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        keep = self._checked.get(signature)
+        if keep is None:
+            keep = check_batch(self.objective, {k: (v.shape, v.dtype) for k, v in batch.items()},
+                               share_prompt=self.config.share_prompt,
+                               cached_reference=self.reference == "cached")
+            size = batch[keep[0]].shape[0]
+            shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
+            accum = self.config.grad_accum_steps
+            if size % shards:
+                raise ValueError(f"batch size {size} is not a multiple of the {shards} batch "
+                                 f"shards of the mesh {dict(self.mesh.shape)} ({BATCH_AXES})")
+            if size % accum:
+                raise ValueError(f"batch size {size} is not a multiple of grad_accum_steps "
+                                 f"{accum}")
+            self._checked[signature] = keep
+        return {k: batch[k] for k in keep}
+
+    def _arguments(self, batch, reference_params):
+        if self.needs_reference_params and reference_params is None:
+            raise ValueError(f"{self.objective.name} needs the reference's log-probs: pass the "
+                             "frozen reference parameters as reference_params, or build the "
+                             "step with reference='cached' and batches carrying "
+                             "f'{role}_reference_logps'")
+        if not self.needs_reference_params and reference_params is not None:
+            reason = ("reads the cached reference log-probs from the batch"
+                      if self.objective.needs.reference else "uses no reference")
+            raise ValueError(f"{self.objective.name} {reason}: pass reference_params=None")
+        return self.check_batch(batch), reference_params, self.model_state
+
+    def __call__(self, state: TrainState, batch: dict[str, Any], reference_params: Any = None):
+        return self.jitted(state, *self._arguments(batch, reference_params))
+
+    def lower(self, state: TrainState, batch: dict[str, Any], reference_params: Any = None):
+        """`jitted.lower(...)` on the checked arguments (concrete or `jax.ShapeDtypeStruct`)."""
+        return self.jitted.lower(state, *self._arguments(batch, reference_params))
 
 
 def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, *,
                     mesh: Mesh, state_shardings: TrainState, model_state: Any = None,
                     config: StepConfig = StepConfig(), reference: str = "model",
-                    max_traces: int | None = None) -> Callable:
-    """Returns `step(state, batch, reference_params) -> (state, metrics)`, a `jax.jit` closure.
+                    max_traces: int | None = None) -> TrainStep:
+    """The train step of `objective` for the model `graphdef` (see `TrainStep`).
 
     Args:
       graphdef: the model's graph definition (`alignax.training.state.split_model`): a
-        CausalLM, or a RewardModel for objectives with `scores="rewards"`.
-      objective: an adapter (`alignax.training.objectives.make_objective`).
+        CausalLM for log-prob objectives, a RewardModel / RewardEnsemble for reward-model
+        objectives (`Needs.model`; a mismatch is refused here, before any compilation).
+      objective: a registered objective config (`alignax.objectives`, e.g. `DPO(beta=0.1)`).
       optimizer, schedule: from `alignax.training.state.make_optimizer`.
       mesh: the ("data", "fsdp", "tensor") mesh.
       state_shardings: from `create_train_state`; the state argument is donated.
-      model_state: the non-parameter model state from `split_model` (constants).
-      config: micro-batching, remat, compute dtype, chunk sizes.
-      reference: "model" (a frozen reference passed as `reference_params`, same layout as the
-        policy parameters, recomputed every step) or "cached" (the batch carries
-        f"{role}_reference_logps" [B], see `alignax.training.reference`; pass None). Objectives
-        without a reference (`uses_reference=False`, e.g. "sft") take None either way.
+      model_state: the frozen model state (`split_model`'s third part; a LoRA run's frozen
+        base weights), a jit argument of every call.
+      config: micro-batching, remat, compute dtype, chunk sizes, shared-prompt scoring.
+      reference: "model" (frozen reference parameters passed as `reference_params`, same
+        layout as the policy parameters, recomputed every step) or "cached" (the batch
+        carries f"{role}_reference_logps" [B] (grouped [B, K]), see
+        `alignax.training.reference`). Objectives without a reference (`Needs.reference`
+        False: SFT, the reward models) take reference_params=None either way.
       max_traces: if set, raise when the step is traced more often (`chex.assert_max_traces`).
 
-    The returned step: `state` is donated; `batch` is a dict of [B, ...] arrays sharded over
-    ("data", "fsdp"); metrics are replicated float32 scalars: loss, the objective's metrics,
-    logps/<role> (scores/<role> for a reward model), grad_norm (before clipping), lr,
-    num_tokens (the batch's tokens: each role's prompt + response, as unpacked, so
-    tokens/s compares across `share_prompt`), and
-    update_applied (0 when a non-finite loss or gradient skipped the update).
+    Returns:
+      A `TrainStep`. Its metrics are replicated float32 scalars: loss, the objective's metrics,
+      logps/<role> (scores/<role> for a reward model), grad_norm (before clipping),
+      update_norm, lr, num_tokens (the batch's tokens: each role's prompt + response, as
+      unpacked, so tokens/s compares across `share_prompt`), and update_applied (0 when a
+      non-finite loss, gradient, new parameter or optimizer state skipped the update). With
+      gradient accumulation, loss and metrics are means over the micro-batches; objectives
+      with a batch-level term (`Needs.batch_level`) compute it per micro-batch.
+
+    Raises:
+      TypeError: `objective` is not a registered objective config.
+      ValueError: the objective does not fit the model, a bad reference mode, remat policy or
+        share_prompt with a reward-model objective.
     """
     if reference not in ("model", "cached"):
         raise ValueError(f"reference must be 'model' or 'cached', got {reference!r}")
-    if config.remat is not None and config.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be None or one of {sorted(REMAT_POLICIES)}, "
-                         f"got {config.remat!r}")
+    check_remat(config.remat)
+    if config.grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
+    check_compatible(objective, model=graphdef)
+    needs = objective.needs
+    if config.share_prompt and needs.model == REWARD_MODEL:
+        raise ValueError("share_prompt packs responses for log-prob objectives; a reward "
+                         f"model objective ({objective.name!r}) scores whole sequences")
     compute_dtype = jnp.dtype(config.compute_dtype)
     accum = config.grad_accum_steps
-    roles = objective.roles
+    roles = needs.roles
+    score_roles = packed_role_logprobs if config.share_prompt else role_logprobs
 
-    def merged(params):
+    def merged(params, model_state):
         compute_params = cast_floating(params, compute_dtype)
         if model_state is None:
             return nnx.merge(graphdef, compute_params)
         return nnx.merge(graphdef, compute_params, model_state)
 
-    if config.share_prompt and objective.scores == "rewards":
-        raise ValueError("share_prompt packs responses for log-prob objectives; a reward "
-                         f"model objective ({objective.name!r}) scores whole sequences")
-    score_roles = packed_role_logprobs if config.share_prompt else role_logprobs
+    def policy_logps(params, model_state, batch):
+        if needs.model == REWARD_MODEL:  # a reward model under training: its scores per role
+            return role_rewards(merged(params, model_state), batch, roles, remat=config.remat)
+        return score_roles(merged(params, model_state), batch, roles,
+                           chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
+                           remat=config.remat)
 
-    def policy_logps(params, batch):
-        if objective.scores == "rewards":  # a RewardModel under training
-            return role_rewards(merged(params), batch, roles)
-        return score_roles(merged(params), batch, roles, chunk_size=config.chunk_size,
-                           vocab_chunk_size=config.vocab_chunk_size)
-
-    if config.remat is not None:
-        policy_logps = jax.checkpoint(policy_logps, policy=REMAT_POLICIES[config.remat])
-
-    def reference_logps(reference_params, batch):
-        if not objective.uses_reference:
+    def reference_logps(reference_params, model_state, batch):
+        if not needs.reference:
             return None
         if reference == "cached":
             return {r: batch[f"{r}_reference_logps"].astype(jnp.float32) for r in roles}
-        return jax.lax.stop_gradient(policy_logps(reference_params, batch))
+        return jax.lax.stop_gradient(policy_logps(reference_params, model_state, batch))
 
-    def loss_fn(params, reference_params, batch, step, key):
-        logps = policy_logps(params, batch)
-        per_example, metrics = objective(logps, reference_logps(reference_params, batch), batch,
-                                         step=step, key=key)
-        prefix = "logps" if objective.scores == "logprobs" else "scores"
-        metrics = {**metrics, **{f"{prefix}/{r}": jnp.mean(v) for r, v in logps.items()}}
+    def loss_fn(params, reference_params, model_state, batch, step, key):
+        policy = policy_logps(params, model_state, batch)
+        ref = reference_logps(reference_params, model_state, batch)
+        scores = {}
+        for role in roles:  # the log-ratios h = log pi_theta - log pi_ref, once
+            group_mask = batch.get(f"{role}_group_mask")
+            scores[role] = Scores(
+                policy=policy[role], reference=None if ref is None else ref[role],
+                h=None if ref is None else policy[role] - ref[role],
+                num_tokens=response_token_counts(batch, role),
+                group_mask=None if group_mask is None else group_mask.astype(bool))
+        columns = {k: v for k, v in batch.items() if _side_column(k)}
+        per_example, metrics = objective(ObjectiveInputs(scores, columns, step, key))
+        size = next(iter(policy.values())).shape[0]
+        if per_example.shape != (size,):
+            raise ValueError(f"{objective.name} returned losses of shape {per_example.shape}; "
+                             f"an objective returns one float32 loss per example, [B] = "
+                             f"({size},)")
+        prefix = "scores" if needs.model == REWARD_MODEL else "logps"
+        metrics = {**metrics, **{f"{prefix}/{r}": jnp.mean(v) for r, v in policy.items()}}
         return jnp.mean(per_example), metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def gradients(params, reference_params, batch, step, key):
+    def gradients(params, reference_params, model_state, batch, step, key):
         if accum == 1:
-            return grad_fn(params, reference_params, batch, step, key)
+            return grad_fn(params, reference_params, model_state, batch, step, key)
         size = jax.tree.leaves(batch)[0].shape[0]
-        if size % accum:
-            raise ValueError(f"batch size {size} is not a multiple of grad_accum_steps {accum}")
         # [B, ...] -> [B/A, A, ...] -> [A, B/A, ...]: micro-batch j takes rows j, A + j, ...,
-        # so every micro-batch stays spread over all data-parallel devices.
+        # so every micro-batch stays spread over all data-parallel devices. Every column leads
+        # with B (ensemble rewards are [B, E]), so only the batch axis is ever split.
         micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(size // accum, accum, *x.shape[1:]),
                                                     0, 1), batch)
 
         def body(grad_sum, xs):
             index, micro_batch = xs
-            (loss, metrics), grads = grad_fn(params, reference_params, micro_batch, step,
-                                             jax.random.fold_in(key, index))
+            (loss, metrics), grads = grad_fn(params, reference_params, model_state, micro_batch,
+                                             step, jax.random.fold_in(key, index))
             return jax.tree.map(jnp.add, grad_sum, grads), (loss, metrics)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -260,25 +386,31 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         return (jnp.mean(losses), jax.tree.map(jnp.mean, metrics)), grads
 
-    def step_fn(state: TrainState, batch, reference_params):
+    def step_fn(state: TrainState, batch, reference_params, model_state):
         key = jax.random.fold_in(state.key, state.step)
-        (loss, metrics), grads = gradients(state.params, reference_params, batch, state.step, key)
+        (loss, metrics), grads = gradients(state.params, reference_params, model_state, batch,
+                                           state.step, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = TrainState(params=params, opt_state=opt_state, step=state.step + 1, key=state.key)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+              & _all_finite(opt_state))  # a finite gradient can still overflow the update
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)  # keep last good state
         num_tokens = sum(jnp.sum(batch[f"{r}_attention_mask"].astype(jnp.float32)) for r in roles)
         metrics = {"loss": loss, **metrics, "grad_norm": grad_norm,
+                   "update_norm": optax.tree.norm(updates),
                    "lr": jnp.asarray(schedule(state.step), jnp.float32),
                    "num_tokens": num_tokens, "update_applied": ok.astype(jnp.float32)}
         return new, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
     if max_traces is not None:
         step_fn = chex.assert_max_traces(step_fn, n=max_traces)
-    frozen_reference = reference == "model" and objective.uses_reference
+    frozen_reference = reference == "model" and needs.reference
     reference_shardings = state_shardings.params if frozen_reference else None
-    return jax.jit(step_fn,
-                   in_shardings=(state_shardings, batch_sharding(mesh), reference_shardings),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    jitted = jax.jit(step_fn,
+                     in_shardings=(state_shardings, batch_sharding(mesh), reference_shardings,
+                                   None),  # model_state: as its arrays are laid out
+                     out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    return TrainStep(jitted, objective=objective, config=config, mesh=mesh,
+                     reference=reference, model_state=model_state)
