@@ -272,6 +272,22 @@ def test_extreme_finite_inputs_give_inf_not_nan():
     np.testing.assert_allclose(g, [-2 * 0.1 * (6e38 - 0.1 * 4e38)], rtol=1e-6)
 
 
+def test_pessimistic_dpo_penalty_of_two_float32_maxima_under_jit():
+    """-(h_w + h_l)/2 at h_w = h_l = 3e38 is -3e38; formed as 0.5 h_w + 0.5 h_l, XLA rewrote it
+    as 0.5 (h_w + h_l) = -inf under jit, so gamma = 0 gave NaN (0 * inf) and gamma = 0.1 gave
+    -inf instead of log 2 - 3e37 (found by test_pessimistic_dpo_matches_mpmath)."""
+    h = jnp.array([0.0, 0.0, 3e38])
+    for gamma, want in ((0.0, np.log(2.0)), (0.1, np.log(2.0) - 0.1 * 3e38)):
+        for where in (None, jnp.array([True, False, True])):
+            run = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(pessimistic_dpo_loss(
+                a, b, beta=1e-3, gamma=gamma, where=where)[2:]), (0, 1)))
+            value, grads = run(h, h)
+            np.testing.assert_allclose(value, want, rtol=1e-6)
+            # the tie's DPO gradient is -/+ beta/2; the penalty adds -gamma/2 to each
+            np.testing.assert_allclose(np.stack(grads)[:, 2], [-5e-4 - gamma / 2,
+                                                               5e-4 - gamma / 2], rtol=1e-6)
+
+
 def test_pessimistic_terms_beyond_float32_of_opposite_sign_give_their_true_sign():
     """distill (beyond float32) + gamma * forward KL (below -float32 max): inf - inf was NaN;
     the sum is formed at a smaller scale instead. Likewise p-DPO. Gradients are never NaN."""

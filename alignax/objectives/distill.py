@@ -361,7 +361,10 @@ def pessimistic_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: fl
     mask = _mask(where, jnp.shape(chosen_h), "where")
     chosen_h, rejected_h = (jnp.where(mask, as_float32(v), 0.0) for v in (chosen_h, rejected_h))
     if reference_h is None:
-        penalty = -(0.5 * chosen_h + 0.5 * rejected_h)  # completions as pi_ref samples, 004 §5
+        # completions as pi_ref samples (004 §5); not 0.5 h_w + 0.5 h_l, which XLA's simplifier
+        # rewrites as 0.5 (h_w + h_l) under jit, -inf at h = 3e38 and NaN times gamma = 0
+        pair = jnp.stack([chosen_h, rejected_h], axis=-1)  # [B, 2]
+        penalty = -masked_mean(pair, jnp.ones(jnp.shape(pair), bool), axis=-1)
     else:
         batch = jnp.shape(chosen_h)[0]
         if jnp.ndim(reference_h) not in (1, 2) or jnp.shape(reference_h)[0] != batch:
