@@ -18,6 +18,6 @@ and a JSON summary.
 """
 
 EXPERIMENTS: tuple[str, ...] = (
-    "fdpo_sentiment",
+    "fdpo_frontier",
 )
 """Module names under `experiments`, each following the contract above."""
