@@ -1,7 +1,9 @@
 """Experiments: one module (or package) per study of the seeds, registered in `EXPERIMENTS`.
 
 Run one as `python -m experiments.<name> [--field value ...]`: every config field can be
-overridden on the command line (`experiments.cli.parse_config`). Each study module provides
+overridden on the command line, e.g. `--train_steps 200 --mesh 2 2 2` (tyro, through
+`alignax.trainer.cli.parse_config`, the mechanism of the `alignax` command). Each study module
+provides
 
     Config       a frozen dataclass whose defaults are the embedded default: the embedded tiny
                  model and programmatic data, a run of a few minutes on 2 CPU cores;

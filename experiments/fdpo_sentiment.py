@@ -1,7 +1,7 @@
 """f-DPO under each divergence on a CPU-sized analogue of the thesis' IMDB study (§2.6.2, Fig. 2.2).
 
     python -m experiments.fdpo_sentiment                       # embedded default, a few minutes on CPU
-    python -m experiments.fdpo_sentiment --divergences reverse_kl,jsd --train_steps 200
+    python -m experiments.fdpo_sentiment --divergences reverse_kl jsd --train_steps 200
 
 The thesis fine-tunes GPT-2-large on IMDB prompts with a sentiment classifier as the oracle and
 compares, for each f-divergence, the oracle reward reached against the KL from the reference
@@ -47,7 +47,7 @@ from alignax.objectives import FDPO, SFT
 from alignax.training.state import (OptimizerConfig, cast_floating, create_train_state,
                                     make_optimizer, split_model)
 from alignax.training.step import StepConfig, make_train_step, role_logprobs
-from experiments.cli import parse_config
+from alignax.trainer.cli import parse_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

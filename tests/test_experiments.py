@@ -9,18 +9,18 @@ import pytest
 
 from alignax.data import default_tokenizer
 from experiments import fdpo_sentiment
-from experiments.cli import parse_config
+from alignax.trainer.cli import parse_config
 from experiments.fdpo_sentiment import Config, oracle_reward, positive_token_ids
 
 SMALL = ["--sft_steps", "4", "--sft_batch_size", "4", "--sft_length", "32", "--num_prompts", "32",
          "--eval_prompts", "4", "--eval_samples", "2", "--samples_per_prompt", "4",
          "--response_length", "8", "--train_steps", "4", "--batch_size", "4",
-         "--eval_every", "2", "--save_every", "2", "--progress", "false", "--mesh", "1,1,1"]
+         "--eval_every", "2", "--save_every", "2", "--progress", "False", "--mesh", "1", "1", "1"]
 
 
 def test_cli_overrides_any_field():
-    config = parse_config(Config, ["--divergences", "jsd,alpha_0.3", "--beta", "0.5",
-                                   "--mesh", "2,2,2", "--export", "true", "--run_dir", "x"])
+    config = parse_config(Config, ["--divergences", "jsd", "alpha_0.3", "--beta", "0.5",
+                                   "--mesh", "2", "2", "2", "--export", "True", "--run_dir", "x"])
     assert config.divergences == ("jsd", "alpha_0.3") and config.beta == 0.5
     assert config.mesh == (2, 2, 2) and config.export is True and config.run_dir == "x"
     assert config.train_steps == Config().train_steps
@@ -42,7 +42,7 @@ def test_oracle_is_the_share_of_positive_words():
 
 def test_default_experiment_runs_end_to_end(tmp_path):
     run = tmp_path / "run"
-    table = fdpo_sentiment.main(["--run_dir", str(run), "--divergences", "reverse_kl,forward_kl",
+    table = fdpo_sentiment.main(["--run_dir", str(run), "--divergences", "reverse_kl", "forward_kl",
                                  *SMALL])
     assert "| reverse_kl |" in table and "| forward_kl |" in table
     summary = json.loads((run / "summary.json").read_text())

@@ -60,7 +60,7 @@ def test_bfloat16_compute_and_params_track_float32(checkpoints):
     real = mask.astype(bool)
     f32 = np.asarray(forward(f32_model, ids, mask)[0])
     model = am.from_pretrained(directory, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    assert model.layers.self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     bf16, hidden, _ = forward(model, ids, mask)
     assert bf16.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 per op); through 2 layers the logits
@@ -73,7 +73,7 @@ def test_bfloat16_compute_and_params_track_float32(checkpoints):
 def test_float32_params_with_bfloat16_compute():
     config = am.tiny_config("gpt2", vocab_size=VOCAB)
     model = nnx.eval_shape(lambda: am.create(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
-    assert model.h[0].attn.q_proj.kernel.dtype == jnp.float32
+    assert model.h.attn.q_proj.kernel.dtype == jnp.float32
     ids = jnp.zeros((2, 5), jnp.int32)
     hidden = nnx.eval_shape(lambda m: m.hidden_states(ids), model)
     logits = nnx.eval_shape(lambda m: m(ids), model)
@@ -105,13 +105,16 @@ def test_logical_axes_annotate_every_parameter():
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert axes["embed_tokens.embedding"] == ("vocab", "embed")
     assert axes["lm_head.kernel"] == ("embed", "vocab")
-    assert axes["layers.0.self_attn.q_proj.kernel"] == ("embed", "heads")
-    assert axes["layers.0.self_attn.q_proj.bias"] == ("heads",)
-    assert axes["layers.0.self_attn.k_proj.kernel"] == ("embed", "kv_heads")
-    assert axes["layers.0.self_attn.o_proj.kernel"] == ("heads", "embed")
-    assert axes["layers.0.mlp.up_proj.kernel"] == ("embed", "mlp")
-    assert axes["layers.0.mlp.down_proj.kernel"] == ("mlp", "embed")
+    # per-layer parameters are stacked [L, ...] behind a "layers" axis
+    assert axes["layers.self_attn.q_proj.kernel"] == ("layers", "embed", "heads")
+    assert axes["layers.self_attn.q_proj.bias"] == ("layers", "heads")
+    assert axes["layers.self_attn.k_proj.kernel"] == ("layers", "embed", "kv_heads")
+    assert axes["layers.self_attn.o_proj.kernel"] == ("layers", "heads", "embed")
+    assert axes["layers.mlp.up_proj.kernel"] == ("layers", "embed", "mlp")
+    assert axes["layers.mlp.down_proj.kernel"] == ("layers", "mlp", "embed")
+    assert axes["layers.input_layernorm.weight"] == ("layers", "norm")
     assert axes["norm.weight"] == ("norm",)
+    assert model.layers.self_attn.q_proj.kernel.shape == (2, 64, 64)
 
 
 def test_logical_to_mesh_spec_rules():
@@ -130,9 +133,9 @@ def test_create_on_mesh_shards_parameters_and_matches_unsharded():
     config = am.tiny_config("llama", vocab_size=96)
     sharded = am.create(config, rngs=nnx.Rngs(1), mesh=mesh)
     plain = am.create(config, rngs=nnx.Rngs(1))
-    q = sharded.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == P("fsdp", "tensor")
-    assert q.addressable_shards[0].data.shape == (32, 32)  # [64, 64] over fsdp=2, tensor=2
+    q = sharded.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")  # the layer axis is replicated
+    assert q.addressable_shards[0].data.shape == (2, 32, 32)  # [2, 64, 64] over fsdp, tensor
     assert sharded.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
     assert sharded.norm.weight[...].sharding.spec == P(None)
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(sharded, nnx.Param)),
@@ -143,9 +146,9 @@ def test_create_on_mesh_shards_parameters_and_matches_unsharded():
 def test_from_pretrained_on_mesh(checkpoints):
     hf, directory, _ = checkpoints("gpt_neox")
     model = am.from_pretrained(directory, mesh=make_mesh((1, 2, 4)))
-    kernel = model.layers[0].mlp.dense_h_to_4h.kernel[...]  # [64, 96]: ("embed", "mlp")
-    assert kernel.sharding.spec == P("fsdp", "tensor")
-    assert kernel.addressable_shards[0].data.shape == (32, 24)
+    kernel = model.layers.mlp.dense_h_to_4h.kernel[...]  # [2, 64, 96]: (layers, embed, mlp)
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    assert kernel.addressable_shards[0].data.shape == (2, 32, 24)
     ids, mask = padded_batch(seed=7)
     logits = np.asarray(forward(model, ids, mask)[0])
     real = mask.astype(bool)
@@ -218,3 +221,72 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(OSError, match="could not fetch 'EleutherAI/pythia-14m'.*offline"):
         am.from_pretrained("EleutherAI/pythia-14m")
+
+
+def _copy_checkpoint(directory, tmp_path, tensors):
+    """tmp_path/ckpt: `directory`'s config with `tensors` as model.safetensors."""
+    from safetensors.numpy import save_file
+
+    out = tmp_path / "ckpt"
+    transformers.AutoConfig.from_pretrained(directory).save_pretrained(out)
+    save_file(tensors, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_int_and_bool_weights_are_refused(checkpoints, tmp_path, dtype):
+    from safetensors.numpy import load_file
+
+    directory = checkpoints("llama_gqa")[1]
+    tensors = load_file(directory / "model.safetensors")
+    key = "model.layers.1.mlp.up_proj.weight"
+    tensors[key] = np.ones(tensors[key].shape, dtype)  # the right shape, a non-weight dtype
+    with pytest.raises(ValueError, match=f"tensor '{key}' has dtype {np.dtype(dtype)}, which "
+                                         "cannot hold a weight"):
+        am.from_pretrained(_copy_checkpoint(directory, tmp_path, tensors))
+
+
+def test_non_finite_weights_are_named(checkpoints, tmp_path):
+    from safetensors.numpy import load_file
+
+    directory = checkpoints("llama_gqa")[1]
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.norm.weight"][3] = np.nan
+    tensors["model.layers.0.self_attn.k_proj.weight"][[0, 5], 1] = [np.inf, -np.inf]
+    path = _copy_checkpoint(directory, tmp_path, tensors)
+    with pytest.raises(ValueError, match=r"NaN/inf values: model.layers.0.self_attn.k_proj.weight "
+                                         r"\(2 of 2048 values\), model.norm.weight \(1 of 64"):
+        am.from_pretrained(path)
+    model = am.from_pretrained(path, check_finite=False)  # the explicit opt-out
+    assert np.isnan(np.asarray(model.norm.weight[...])[3])
+
+
+@pytest.mark.parametrize("shard", ["/etc/model-00001.safetensors", "../outside.safetensors",
+                                   "sub/../../outside.safetensors"])
+def test_index_naming_files_outside_the_directory_is_refused(checkpoints, tmp_path, shard):
+    import shutil
+
+    directory = tmp_path / "ckpt"
+    shutil.copytree(checkpoints("llama_sharded")[1], directory)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"maps 'model.norm.weight' to '{shard}', outside the "
+                                         "checkpoint directory"):
+        am.from_pretrained(directory)
+
+
+def test_missing_path_like_names_are_local_directories_not_hub_ids(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt" / "llama_tiny").mkdir(parents=True)
+    # a mistyped directory inside an existing folder: never sent to the hub
+    with pytest.raises(FileNotFoundError, match=r"directory 'ckpt/llama_tinny' does not exist; "
+                                                r"did you mean \['ckpt/llama_tiny'\]"):
+        am.from_pretrained("ckpt/llama_tinny")
+    for name in ("./x", "~/surely_not_a_checkpoint_dir", "a/b/c", "bad..name"):
+        with pytest.raises(FileNotFoundError, match=f"local checkpoint directory '{name}' does "
+                                                    "not exist"):
+            am.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint directory"):
+        (tmp_path / "config.json").write_text("{}")
+        am.from_pretrained(tmp_path / "config.json")

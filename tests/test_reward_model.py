@@ -116,11 +116,32 @@ def test_ensemble_members_are_independent_reward_models(ensemble):
     assert all(g.shape[0] == 3 for g in leaves)  # stacked [M, ...] parameters
 
 
+def test_ensemble_member_axis_is_in_front_of_the_layer_axis(ensemble):
+    kernel = ensemble.members.backbone.layers.mlp.up_proj.kernel
+    assert kernel.shape == (3, 2, 64, 172)  # [M, L, D, F]
+    assert kernel.get_metadata()["out_sharding"] == (None, "layers", "embed", "mlp")
+    member = ensemble.member(1).backbone.layers.mlp.up_proj.kernel
+    assert member.shape == (2, 64, 172)
+    assert member.get_metadata()["out_sharding"] == ("layers", "embed", "mlp")
+
+
+def test_ensemble_remat_keeps_scores_and_gradients(ensemble):
+    def loss(model, remat):
+        return jnp.mean(model(RIGHT_IDS, RIGHT_MASK, remat=remat) ** 2)
+
+    value_and_grad = nnx.jit(nnx.value_and_grad(loss), static_argnums=1)
+    (plain, grads), (full, full_grads) = (value_and_grad(ensemble, r) for r in (None, "full"))
+    np.testing.assert_allclose(full, plain, rtol=1e-6)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * scale)
+
+
 def test_mesh_loading_places_shards(tmp_path):
     _hf_checkpoint(tmp_path, "llama", 1)
     sharded, plain = load_reward_model(tmp_path, mesh=MESH), load_reward_model(tmp_path)
-    kernel = sharded.backbone.layers[0].mlp.down_proj.kernel[...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    kernel = sharded.backbone.layers.mlp.down_proj.kernel[...]  # [L, F, D]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", "fsdp")
     jax.tree.map(np.testing.assert_array_equal, nnx.state(sharded), nnx.state(plain))
     np.testing.assert_allclose(score(sharded, RIGHT_IDS, RIGHT_MASK),
                                score(plain, RIGHT_IDS, RIGHT_MASK), atol=1e-5)
@@ -130,9 +151,9 @@ def test_mesh_creation_shards_the_same_values():
     config = tiny_config("llama", vocab_size=V)
     sharded = create_reward_model(config, rngs=nnx.Rngs(1), mesh=MESH)
     plain = create_reward_model(config, rngs=nnx.Rngs(1))
-    kernel = sharded.backbone.layers[0].self_attn.q_proj.kernel[...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    assert sharded.score[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    kernel = sharded.backbone.layers.self_attn.q_proj.kernel[...]  # [L, D, H*Dh]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert sharded.score.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
     # same draws; the jitted (sharded) init may round the normal sampler's last bit differently
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8),
                  nnx.state(sharded), nnx.state(plain))

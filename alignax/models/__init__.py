@@ -1,5 +1,6 @@
 """Flax NNX causal LMs (Llama/Mistral/Qwen2, GPT-2, GPT-NeoX) that load and save Hugging Face
-safetensors checkpoints, with logical-axis sharding and KV-cache sampling."""
+safetensors checkpoints, with their layers under one scan (per-layer remat), logical-axis
+sharding, KV-cache sampling, and LoRA adapters (`alignax.models.lora`)."""
 
 from alignax.models.attention import KVCache
 from alignax.models.causal_lm import CausalLM

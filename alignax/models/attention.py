@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from alignax.models.config import ModelConfig, RopeConfig
-from alignax.models.layers import Dense
+from alignax.models.layers import ADAPTERS_ON, Adapters, Dense
 
 
 def rope_inverse_frequencies(rope: RopeConfig) -> np.ndarray:
@@ -86,22 +86,23 @@ def query_blocks(length: int, *, cached: bool) -> list[tuple[int, int]]:
 class KVCache:
     """Keys and values of every layer for slots [0, S), plus which slots hold real tokens.
 
-    keys, values: one [B, S, K, Dh] array per layer. valid [B, S] bool, positions [B, S]
-    int32 (RoPE position of the token in each slot), index: scalar int32, the next slot to
-    write. Decoding writes T new tokens into slots [index, index + T).
+    keys, values: [L, B, K, S, Dh], stacked over the layers like the layer parameters and
+    laid out as attention reads them (the layer scan carries them and writes each layer's new
+    entries in place). valid [B, S] bool, positions [B, S] int32 (RoPE position of the token
+    in each slot), index: scalar int32, the next slot to write. Decoding writes T new tokens
+    into slots [index, index + T).
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     valid: jax.Array
     positions: jax.Array
     index: jax.Array
 
     @classmethod
     def empty(cls, cfg: ModelConfig, *, batch_size: int, max_length: int, dtype) -> KVCache:
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-        return cls(keys=zeros, values=zeros,
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch_size, max_length), bool),
                    positions=jnp.zeros((batch_size, max_length), jnp.int32),
                    index=jnp.zeros((), jnp.int32))
@@ -143,7 +144,7 @@ class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with optional RoPE and KV cache."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, scale: float | None = None):
+                 param_dtype=jnp.float32):
         d, h, k, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.q_proj = Dense(d, h * dh, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
@@ -152,45 +153,57 @@ class Attention(nnx.Module):
         self.o_proj = Dense(h * dh, d, axes=("heads", "embed"), use_bias=cfg.out_bias, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, k, dh
         self.rope = cfg.rope
-        self.scale = cfg.attn_scale if scale is None else scale
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                 cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | None = None
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *,
+                 scale: jax.Array | float,
+                 cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | None = None,
+                 adapters: Adapters = ADAPTERS_ON
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], updated (k, v) cache).
+        """x [B, T, D], positions [B, T], mask [B, T, S] -> ([B, T, D], updated cache).
 
-        With `cache` = (keys, values) [B, S, K, Dh], the new keys/values are written at slot
-        `cache_index` and the queries attend over all S slots (the mask hides empty ones).
+        `scale` multiplies the scores (a layer-dependent scalar for GPT-2's
+        `scale_attn_by_inverse_layer_idx`). With `cache` = (keys, values, layer): every
+        layer's keys / values [L, B, K, S, Dh] and this layer's index, the T new keys / values
+        are first written at slots [cache_index, cache_index + T) of this layer, then the
+        queries attend over all S slots of it (the mask hides empty ones); returns the updated
+        (keys, values). Writing before reading lets XLA update the scan-carried arrays in
+        place; reading first made it copy the whole cache at every layer.
         """
         b, t, _ = x.shape
         h, k, dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(x).reshape(b, t, h, dh)  # [B, T, H*Dh] -> [B, T, H, Dh]
-        key = self.k_proj(x).reshape(b, t, k, dh)  # [B, T, K, Dh]
-        value = self.v_proj(x).reshape(b, t, k, dh)  # [B, T, K, Dh]
+        q = self.q_proj(x, adapters.fold(0)).reshape(b, t, h, dh)  # [B, T, H*Dh] -> [B, T, H, Dh]
+        key = self.k_proj(x, adapters.fold(1)).reshape(b, t, k, dh)  # [B, T, K, Dh]
+        value = self.v_proj(x, adapters.fold(2)).reshape(b, t, k, dh)  # [B, T, K, Dh]
         if self.rope is not None:
             q = apply_rope(q, positions, self.rope)
             key = apply_rope(key, positions, self.rope)
+        key = key.transpose(0, 2, 1, 3)  # [B, T, K, Dh] -> [B, K, T, Dh]
+        value = value.transpose(0, 2, 1, 3)  # [B, K, T, Dh]
+        updated = None
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            key = jax.lax.dynamic_update_slice(cache[0], key.astype(cache[0].dtype), start)
-            value = jax.lax.dynamic_update_slice(cache[1], value.astype(cache[1].dtype), start)
-            cache = (key, value)
+            keys, values, layer = cache  # [L, B, K, S, Dh] each
+            start = (layer, 0, 0, cache_index, 0)
+            keys = jax.lax.dynamic_update_slice(keys, key.astype(keys.dtype)[None], start)
+            values = jax.lax.dynamic_update_slice(values, value.astype(values.dtype)[None], start)
+            updated = (keys, values)
+            key = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)  # [B, K, S, Dh]
+            value = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
         # Grouped-query attention as 4-D batched matmuls over (B, K), the G query heads of a
         # KV head stacked along the rows (row t * G + g): XLA:CPU differentiates these about
         # twice as fast as 5-D "btkgd,bskd->bkgts" einsums (benchmarks/trl_dpo.py).
-        g, s = h // k, key.shape[1]
+        g, s = h // k, key.shape[2]
         q = q.reshape(b, t, k, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, k, t * g, dh)
-        key = key.astype(q.dtype).transpose(0, 2, 1, 3)  # [B, S, K, Dh] -> [B, K, S, Dh]
-        value = value.astype(self.dtype).transpose(0, 2, 1, 3)  # [B, K, S, Dh]
+        key = key.astype(q.dtype)
+        value = value.astype(self.dtype)
         outs = []
         for t0, t1 in query_blocks(t, cached=cache is not None):
             # Block-causal: without a cache, query slot t reads no key slot after t, so the
             # queries [t0, t1) need keys [0, t1) only and the rest of the scores is never formed.
             end = s if cache is not None else t1
             scores = jnp.einsum("bkqd,bksd->bkqs", q[:, :, t0 * g:t1 * g], key[:, :, :end],
-                                preferred_element_type=jnp.float32) * self.scale
+                                preferred_element_type=jnp.float32) * scale
             rows = jnp.broadcast_to(mask[:, None, t0:t1, None, :end],
                                     (b, 1, t1 - t0, g, end)).reshape(b, 1, (t1 - t0) * g, end)
             scores = jnp.where(rows, scores, jnp.finfo(jnp.float32).min)
@@ -198,4 +211,4 @@ class Attention(nnx.Module):
             outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, value[:, :, :end]))
         out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]  # [B, K, T*G, Dh]
         out = out.reshape(b, k, t, g, dh).transpose(0, 2, 1, 3, 4).reshape(b, t, h * dh)
-        return self.o_proj(out), cache
+        return self.o_proj(out, adapters.fold(3)), updated

@@ -8,11 +8,13 @@
     h = final_layer_norm(x); logits = h @ embed_out             [B, T, V]
 
 HF fuses q/k/v per head: query_key_value.weight is [3D, D] with rows ordered [H, (q,k,v), Dh];
-we split it into separate q/k/v kernels so attention (and its sharding) is shared.
+we split it into separate q/k/v kernels so attention (and its sharding) is shared. The
+layers' parameters are stacked [L, ...].
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,7 +25,8 @@ from flax import nnx
 from alignax.models.attention import Attention
 from alignax.models.causal_lm import CausalLM
 from alignax.models.config import ModelConfig
-from alignax.models.layers import Dense, Embed, LayerNorm, activation
+from alignax.models.layers import (ADAPTERS_ON, Adapters, Dense, Embed, LayerNorm, activation,
+                                   stacked)
 
 
 class GPTNeoXMLP(nnx.Module):
@@ -33,8 +36,9 @@ class GPTNeoXMLP(nnx.Module):
         self.dense_4h_to_h = Dense(f, d, axes=("mlp", "embed"), use_bias=True, **kw)
         self.act = cfg.activation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.dense_4h_to_h(activation(self.act)(self.dense_h_to_4h(x)))  # [B, T, F] in
+    def __call__(self, x: jax.Array, adapters: Adapters = ADAPTERS_ON) -> jax.Array:
+        h = activation(self.act)(self.dense_h_to_4h(x, adapters.fold(4)))  # [B, T, F]
+        return self.dense_4h_to_h(h, adapters.fold(5))
 
 
 class GPTNeoXLayer(nnx.Module):
@@ -46,13 +50,15 @@ class GPTNeoXLayer(nnx.Module):
         self.mlp = GPTNeoXMLP(cfg, **kw)
         self.parallel_residual = cfg.parallel_residual
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
-        """x [B, T, D] -> ([B, T, D], updated (k, v) cache of this layer)."""
-        a, cache = self.attention(self.input_layernorm(x), positions, mask, cache, cache_index)
+    def __call__(self, x, positions, mask, *, scale, cache=None, cache_index=None,
+                 adapters: Adapters = ADAPTERS_ON):
+        """x [B, T, D] -> ([B, T, D], the updated stacked cache; None without one)."""
+        a, cache = self.attention(self.input_layernorm(x), positions, mask, scale=scale,
+                                cache=cache, cache_index=cache_index, adapters=adapters)
         if self.parallel_residual:
-            return x + a + self.mlp(self.post_attention_layernorm(x)), cache
+            return x + a + self.mlp(self.post_attention_layernorm(x), adapters), cache
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        return x + self.mlp(self.post_attention_layernorm(x), adapters), cache
 
 
 class GPTNeoXForCausalLM(CausalLM):
@@ -61,21 +67,20 @@ class GPTNeoXForCausalLM(CausalLM):
         cfg = self._setup(config, dtype=dtype, param_dtype=param_dtype)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embed_in = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
-        self.layers = nnx.List([GPTNeoXLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.layers = stacked(
+            lambda r: GPTNeoXLayer(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
+            cfg.num_layers, rngs)
         self.final_layer_norm = LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
                                           param_dtype=param_dtype)
         self.embed_out = (None if cfg.tie_word_embeddings else
                           Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
                                 use_bias=False, **kw))
 
-    def _body(self, input_ids, positions, mask, cache, cache_index):
-        x = self.embed_in(input_ids)  # [B, T, D]
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i],
-                                   cache_index)
-            new_cache.append(layer_cache)
-        return self.final_layer_norm(x), (None if cache is None else tuple(new_cache))
+    def embed(self, input_ids, positions):
+        return self.embed_in(input_ids)  # [B, T, D]
+
+    def final_norm(self, x):
+        return self.final_layer_norm(x)
 
     def unembedding(self) -> jax.Array:
         if self.embed_out is None:
@@ -85,45 +90,76 @@ class GPTNeoXForCausalLM(CausalLM):
 
 _NAMES = ("q_proj", "k_proj", "v_proj")
 
+# LoRA targets (alignax.models.lora): name -> the Dense inside a layer; and the PEFT module of
+# each target inside HF's layer "gpt_neox.layers.{i}." (q, k and v share the fused one).
+LORA_TARGETS = {"q": ("attention", "q_proj"), "k": ("attention", "k_proj"),
+                "v": ("attention", "v_proj"), "o": ("attention", "o_proj"),
+                "up": ("mlp", "dense_h_to_4h"), "down": ("mlp", "dense_4h_to_h")}
+PEFT_FAN_IN_FAN_OUT = False
+PEFT_LAYER = "gpt_neox.layers.{}."
+PEFT_MODULES = {"q": "attention.query_key_value", "k": "attention.query_key_value",
+                "v": "attention.query_key_value", "o": "attention.dense",
+                "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
 
-def params_from_hf(cfg: ModelConfig, read, keys=None):
-    """Yields (our parameter path, array) from `read(hf_key) -> np.ndarray`.
+
+def fuse_qkv(cfg: ModelConfig, q, k, v):
+    """q, k, v [..., D] (output features) -> [..., 3D] in query_key_value's [H, (q, k, v), Dh]
+    order."""
+    h, dh = cfg.num_heads, cfg.head_dim
+    heads = [x.reshape(*x.shape[:-1], h, 1, dh) for x in (q, k, v)]
+    fused = np.concatenate(heads, axis=-2)  # [..., H, 3, Dh]
+    return fused.reshape(*fused.shape[:-3], 3 * h * dh)
+
+
+def split_qkv(cfg: ModelConfig, fused):
+    """The inverse of `fuse_qkv`: [..., 3D] -> (q, k, v) [..., D] each."""
+    h, dh = cfg.num_heads, cfg.head_dim
+    fused = fused.reshape(*fused.shape[:-1], h, 3, dh)
+    return tuple(fused[..., j, :].reshape(*fused.shape[:-3], h * dh) for j in range(3))
+
+
+def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[], Any]]:
+    """{our parameter path: load() -> np.ndarray}, each load reading `read(hf_key)` only when
+    called.
 
     The output head is "embed_out.weight" in Pythia checkpoints and "lm_head.weight" in those
     written by transformers >= 5; `keys` (the checkpoint's tensor names) picks, None means
     "embed_out.weight".
     """
-    h, d, dh = cfg.num_heads, cfg.hidden_size, cfg.head_dim
-    yield ("embed_in", "embedding"), read("gpt_neox.embed_in.weight")
-    yield ("final_layer_norm", "weight"), read("gpt_neox.final_layer_norm.weight")
-    yield ("final_layer_norm", "bias"), read("gpt_neox.final_layer_norm.bias")
+    def load(key: str, transform: Callable = lambda w: w) -> Callable[[], Any]:
+        return lambda: transform(read(key))
+
+    out = {("embed_in", "embedding"): load("gpt_neox.embed_in.weight"),
+           ("final_layer_norm", "weight"): load("gpt_neox.final_layer_norm.weight"),
+           ("final_layer_norm", "bias"): load("gpt_neox.final_layer_norm.bias")}
     if not cfg.tie_word_embeddings:
         head = "lm_head.weight" if keys is not None and "lm_head.weight" in keys else \
             "embed_out.weight"
-        yield ("embed_out", "kernel"), read(head).T  # [V, D] -> [D, V]
+        out[("embed_out", "kernel")] = load(head, np.transpose)  # [V, D] -> [D, V]
     for i in range(cfg.num_layers):
         p, ours = f"gpt_neox.layers.{i}.", ("layers", i)
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield (*ours, norm, "weight"), read(f"{p}{norm}.weight")
-            yield (*ours, norm, "bias"), read(f"{p}{norm}.bias")
-        qkv = read(f"{p}attention.query_key_value.weight").reshape(h, 3, dh, d)  # [3D, D]
+            out[(*ours, norm, "weight")] = load(f"{p}{norm}.weight")
+            out[(*ours, norm, "bias")] = load(f"{p}{norm}.bias")
         for j, name in enumerate(_NAMES):
-            yield (*ours, "attention", name, "kernel"), qkv[:, j].reshape(h * dh, d).T  # [D, D]
-        if cfg.qkv_bias:
-            bias = read(f"{p}attention.query_key_value.bias").reshape(h, 3, dh)  # [3D]
-            for j, name in enumerate(_NAMES):
-                yield (*ours, "attention", name, "bias"), bias[:, j].reshape(h * dh)
-        yield (*ours, "attention", "o_proj", "kernel"), read(f"{p}attention.dense.weight").T
+            # query_key_value [3D, D], rows [H, (q, k, v), Dh] -> q/k/v kernels [D, D]
+            out[(*ours, "attention", name, "kernel")] = load(
+                f"{p}attention.query_key_value.weight", lambda w, j=j: split_qkv(cfg, w.T)[j])
+            if cfg.qkv_bias:
+                out[(*ours, "attention", name, "bias")] = load(
+                    f"{p}attention.query_key_value.bias", lambda w, j=j: split_qkv(cfg, w)[j])
+        out[(*ours, "attention", "o_proj", "kernel")] = load(f"{p}attention.dense.weight",
+                                                             np.transpose)
         if cfg.out_bias:
-            yield (*ours, "attention", "o_proj", "bias"), read(f"{p}attention.dense.bias")
+            out[(*ours, "attention", "o_proj", "bias")] = load(f"{p}attention.dense.bias")
         for name in ("dense_h_to_4h", "dense_4h_to_h"):
-            yield (*ours, "mlp", name, "kernel"), read(f"{p}mlp.{name}.weight").T
-            yield (*ours, "mlp", name, "bias"), read(f"{p}mlp.{name}.bias")
+            out[(*ours, "mlp", name, "kernel")] = load(f"{p}mlp.{name}.weight", np.transpose)
+            out[(*ours, "mlp", name, "bias")] = load(f"{p}mlp.{name}.bias")
+    return out
 
 
 def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
     """Our {parameter path: np.ndarray} -> {HF safetensors key: np.ndarray} (Pythia names)."""
-    h, d, dh = cfg.num_heads, cfg.hidden_size, cfg.head_dim
     out = {"gpt_neox.embed_in.weight": params[("embed_in", "embedding")],
            "gpt_neox.final_layer_norm.weight": params[("final_layer_norm", "weight")],
            "gpt_neox.final_layer_norm.bias": params[("final_layer_norm", "bias")]}
@@ -134,11 +170,11 @@ def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[f"{p}{norm}.weight"] = params[("layers", i, norm, "weight")]
             out[f"{p}{norm}.bias"] = params[("layers", i, norm, "bias")]
-        kernels = [params[(*ours, n, "kernel")].T.reshape(h, dh, d) for n in _NAMES]
-        out[f"{p}attention.query_key_value.weight"] = np.stack(kernels, 1).reshape(3 * d, d)
+        out[f"{p}attention.query_key_value.weight"] = fuse_qkv(
+            cfg, *(params[(*ours, n, "kernel")] for n in _NAMES)).T  # [D, 3D] -> [3D, D]
         if cfg.qkv_bias:
-            biases = [params[(*ours, n, "bias")].reshape(h, dh) for n in _NAMES]
-            out[f"{p}attention.query_key_value.bias"] = np.stack(biases, 1).reshape(3 * d)
+            out[f"{p}attention.query_key_value.bias"] = fuse_qkv(
+                cfg, *(params[(*ours, n, "bias")] for n in _NAMES))
         out[f"{p}attention.dense.weight"] = params[(*ours, "o_proj", "kernel")].T
         if cfg.out_bias:
             out[f"{p}attention.dense.bias"] = params[(*ours, "o_proj", "bias")]

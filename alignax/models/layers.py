@@ -1,9 +1,11 @@
-"""The few building blocks every family shares: dense, embedding, RMSNorm, LayerNorm.
+"""The few building blocks every family shares: dense, embedding, RMSNorm, LayerNorm, and
+`stacked`, which builds a family's layers once with per-layer parameters stacked [L, ...].
 
 Each parameter is an `nnx.Param` whose `out_sharding` metadata holds *logical* axis names
-("vocab", "embed", "heads", "kv_heads", "mlp", "norm"); `alignax.models.partitioning` maps
-them to mesh axes. `eager_sharding=False`: the names are resolved by `create` /
-`from_pretrained` (jit with out_shardings), not when a variable is built.
+("vocab", "embed", "heads", "kv_heads", "mlp", "norm", and "layers" for the stacked layer
+axis); `alignax.models.partitioning` maps them to mesh axes. `eager_sharding=False`: the names
+are resolved by `create` / `from_pretrained` (jit with out_shardings), not when a variable is
+built.
 
 `dtype` is the compute dtype (activations, matmul inputs), `param_dtype` the storage dtype.
 Norm statistics are always taken in float32, as in the HF reference implementations.
@@ -11,11 +13,15 @@ Norm statistics are always taken in float32, as in the HF reference implementati
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+LAYERS = "layers"  # logical name of the stacked layer axis (replicated by DEFAULT_RULES)
 
 
 def param(rngs: nnx.Rngs | None, init, shape: tuple[int, ...], dtype, axes: Axes) -> nnx.Param:
@@ -38,19 +44,58 @@ def activation(name: str):
     }[name]
 
 
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs, *,
+            name: str | None = LAYERS) -> nnx.Module:
+    """`num` modules built by `make(rngs)` as one module whose parameters are stacked [num, ...]
+    (independent draws per copy); the new leading axis is named `name` in `out_sharding`."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: name})
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return build(rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """Call-time switch of the LoRA adapters (`alignax.models.lora`) threaded through a forward.
+
+    enabled: False computes the base model (the frozen reference) from the same parameters.
+    key: PRNG key for adapter dropout; None (evaluation, the reference) applies none.
+    """
+
+    enabled: bool = True
+    key: jax.Array | None = None
+
+    def fold(self, i: int) -> Adapters:
+        """The context of sub-module `i` (its own dropout key)."""
+        if self.key is None:
+            return self
+        return dataclasses.replace(self, key=jax.random.fold_in(self.key, i))
+
+
+ADAPTERS_ON = Adapters()
+
+
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias); kernel [in, out] with logical axes `axes`."""
+    """y = x @ kernel (+ bias) (+ LoRA delta); kernel [in, out] with logical axes `axes`.
+
+    `lora` is None until `alignax.models.lora.add_lora` attaches an adapter to this projection.
+    """
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool,
                  rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, precision: jax.lax.Precision | None = None):
         self.kernel = param(rngs, jax.nn.initializers.normal(init_std),
                             (in_features, out_features), param_dtype, axes)
         self.bias = (param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype,
                            axes[-1:]) if use_bias else None)
         self.dtype = dtype
+        self.precision = precision
+        self.lora = nnx.data(None)  # an alignax.models.lora.LoRAAdapter once attached
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapters: Adapters = ADAPTERS_ON) -> jax.Array:
         """x [..., in] -> [..., out] in the compute dtype.
 
         The leading dims are flattened around the matmul: XLA:CPU runs the backward pass's
@@ -58,12 +103,14 @@ class Dense(nnx.Module):
         (`benchmarks/trl_dpo.py`), and the reshapes are free.
         """
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype),  # [..., in] -> [N, in]
-                    self.kernel[...].astype(self.dtype))
-        y = y.reshape(*lead, y.shape[-1])  # [N, out] -> [..., out]
+        x = x.reshape(-1, x.shape[-1])  # [..., in] -> [N, in]
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    precision=self.precision)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
-        return y
+        if self.lora is not None and adapters.enabled:
+            y = y + self.lora(x, key=adapters.key).astype(self.dtype)  # [N, out]
+        return y.reshape(*lead, y.shape[-1])  # [N, out] -> [..., out]
 
 
 class Embed(nnx.Module):

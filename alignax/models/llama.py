@@ -8,10 +8,13 @@
 
 Qwen2 adds biases to q/k/v; Llama `attention_bias` adds them to q/k/v/o; Mistral may use a
 sliding window (`ModelConfig.sliding_window`). HF weight names are mapped in `hf_names`.
+The blocks' parameters are stacked [L, ...] ("layers"); the HF maps here name each layer's
+tensors separately (path ("layers", i, ...)), and loading / saving stack and unstack them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,7 +24,8 @@ from flax import nnx
 from alignax.models.attention import Attention
 from alignax.models.causal_lm import CausalLM
 from alignax.models.config import ModelConfig
-from alignax.models.layers import Dense, Embed, RMSNorm, activation
+from alignax.models.layers import (ADAPTERS_ON, Adapters, Dense, Embed, RMSNorm, activation,
+                                   stacked)
 
 
 class LlamaMLP(nnx.Module):
@@ -34,8 +38,9 @@ class LlamaMLP(nnx.Module):
         self.down_proj = Dense(f, d, axes=("mlp", "embed"), use_bias=bias, **kw)
         self.act = cfg.activation
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, adapters: Adapters = ADAPTERS_ON) -> jax.Array:
+        gate = activation(self.act)(self.gate_proj(x, adapters.fold(4)))  # [B, T, F]
+        return self.down_proj(gate * self.up_proj(x, adapters.fold(5)), adapters.fold(6))
 
 
 class LlamaBlock(nnx.Module):
@@ -46,11 +51,13 @@ class LlamaBlock(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
         self.mlp = LlamaMLP(cfg, **kw)
 
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
-        """x [B, T, D] -> ([B, T, D], updated (k, v) cache of this layer)."""
-        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, cache_index)
+    def __call__(self, x, positions, mask, *, scale, cache=None, cache_index=None,
+                 adapters: Adapters = ADAPTERS_ON):
+        """x [B, T, D] -> ([B, T, D], the updated stacked cache; None without one)."""
+        h, cache = self.self_attn(self.input_layernorm(x), positions, mask, scale=scale,
+                                cache=cache, cache_index=cache_index, adapters=adapters)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), adapters)
         return x, cache
 
 
@@ -60,26 +67,36 @@ class LlamaForCausalLM(CausalLM):
         cfg = self._setup(config, dtype=dtype, param_dtype=param_dtype)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), **kw)
-        self.layers = nnx.List([LlamaBlock(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.layers = stacked(
+            lambda r: LlamaBlock(cfg, rngs=r, dtype=dtype, param_dtype=param_dtype),
+            cfg.num_layers, rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=dtype,
                             param_dtype=param_dtype)
         self.lm_head = (None if cfg.tie_word_embeddings else
                         Dense(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
                               use_bias=False, **kw))
 
-    def _body(self, input_ids, positions, mask, cache, cache_index):
-        x = self.embed_tokens(input_ids)  # [B, T, D]
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, mask, None if cache is None else cache[i],
-                                   cache_index)
-            new_cache.append(layer_cache)
-        return self.norm(x), (None if cache is None else tuple(new_cache))
+    def embed(self, input_ids, positions):
+        return self.embed_tokens(input_ids)  # [B, T, D]
+
+    def final_norm(self, x):
+        return self.norm(x)
 
     def unembedding(self) -> jax.Array:
         if self.lm_head is None:
             return self.embed_tokens.embedding[...].T.astype(self.dtype)  # [V, D] -> [D, V]
         return self.lm_head.kernel[...].astype(self.dtype)
+
+
+# LoRA targets (alignax.models.lora): name -> the Dense inside a block; and the PEFT module of
+# each target inside HF's layer "model.layers.{i}.".
+LORA_TARGETS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"),
+                "v": ("self_attn", "v_proj"), "o": ("self_attn", "o_proj"),
+                "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                "down": ("mlp", "down_proj")}
+PEFT_FAN_IN_FAN_OUT = False
+PEFT_LAYER = "model.layers.{}."
+PEFT_MODULES = {name: ".".join(path) for name, path in LORA_TARGETS.items()}
 
 
 def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
@@ -106,12 +123,13 @@ def hf_names(cfg: ModelConfig) -> dict[tuple, tuple[str, bool]]:
     return names
 
 
-def params_from_hf(cfg: ModelConfig, read, keys=None):
-    """Yields (our parameter path, array) from `read(hf_key) -> np.ndarray`; `keys`: the
-    checkpoint's tensor names."""
-    for path, (key, transpose) in hf_names(cfg).items():
-        w = read(key)
-        yield path, (w.T if transpose else w)
+def params_from_hf(cfg: ModelConfig, read, keys=None) -> dict[tuple, Callable[[], Any]]:
+    """{our parameter path: load() -> np.ndarray}, each load reading `read(hf_key)` only when
+    called; `keys`: the checkpoint's tensor names."""
+    def load(key: str, transpose: bool) -> Callable[[], Any]:
+        return lambda: read(key).T if transpose else read(key)
+
+    return {path: load(key, transpose) for path, (key, transpose) in hf_names(cfg).items()}
 
 
 def params_to_hf(cfg: ModelConfig, params: dict[tuple, Any]) -> dict[str, Any]:

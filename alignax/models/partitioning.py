@@ -1,10 +1,10 @@
 """Logical axis names -> mesh axes.
 
 Parameters carry logical names in their `out_sharding` metadata ("vocab", "embed", "heads",
-"kv_heads", "mlp", "norm"); a rule table maps each to a mesh axis of the ("data", "fsdp",
-"tensor") mesh, or to None (replicated). A dimension whose size the mesh axis does not divide,
-a mesh axis already used by an earlier dimension, or a mesh axis missing from the mesh is
-replicated instead, so any rule table works on any mesh.
+"kv_heads", "mlp", "norm", and "layers" for the stacked layer axis); a rule table maps each to
+a mesh axis of the ("data", "fsdp", "tensor") mesh, or to None (replicated). A dimension whose
+size the mesh axis does not divide, a mesh axis already used by an earlier dimension, or a mesh
+axis missing from the mesh is replicated instead, so any rule table works on any mesh.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the layer scan slices this axis: every device holds every layer
 )
 
 

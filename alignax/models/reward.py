@@ -6,9 +6,11 @@
 
 With one head (`num_heads=None`) the model returns [B]; with `num_heads=E` it returns [E, B],
 E heads on one shared backbone (the multi-head ensemble of reward-model distillation, 004 §5).
-`RewardEnsemble` holds M whole reward models with stacked parameters [M, ...] and runs them in
-one vmapped forward -> [M, B]. `load_reward_model` / `save_reward_model` read and write Hugging
-Face `*ForSequenceClassification` checkpoints (`score.weight` [E, D], no lm_head).
+`RewardEnsemble` holds M whole reward models with stacked parameters [M, ...] (member axis in
+front of the backbone's layer axis: [M, L, ...]) and runs them in one vmapped forward ->
+[M, B]. `load_reward_model` / `save_reward_model` read and write Hugging Face
+`*ForSequenceClassification` checkpoints (`score.weight` [E, D], no lm_head). Both models take
+the backbone's call-time keywords (`remat`, `adapters`, `dropout_key`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from jax.sharding import Mesh
 
 from alignax.models.causal_lm import CausalLM, HFConfig
 from alignax.models.config import ModelConfig
-from alignax.models.layers import param
-from alignax.models.loading import SafetensorsReader, resolve_checkpoint
-from alignax.models.partitioning import (
-    DEFAULT_RULES, Rules, logical_to_mesh_sharding, state_shardings)
+from alignax.models.layers import Adapters, Dense
+from alignax.models.loading import SafetensorsReader, assign_params, resolve_checkpoint
+from alignax.models.partitioning import DEFAULT_RULES, Rules, state_shardings
 from alignax.models.registry import FAMILY_CLASSES, family_module
+from alignax.models.saving import host_params, refuse_adapters
 
 _SEQUENCE_CLASSIFICATION = {"llama": "LlamaForSequenceClassification",
                             "mistral": "MistralForSequenceClassification",
@@ -81,9 +83,9 @@ class RewardModel(nnx.Module):
         self._hf_config = HFConfig(config)
         self.num_heads = num_heads
         std = float(getattr(config, "initializer_range", 0.02))
-        self.score = param(rngs, jax.nn.initializers.normal(std),
-                           (self.backbone.arch.hidden_size, num_heads or 1), param_dtype,
-                           ("embed", None))  # [D, E]
+        self.score = Dense(self.backbone.arch.hidden_size, num_heads or 1, axes=("embed", None),
+                           use_bias=False, rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype,
+                           init_std=std, precision=jax.lax.Precision.HIGHEST)  # kernel [D, E]
 
     @property
     def config(self):
@@ -91,15 +93,23 @@ class RewardModel(nnx.Module):
         return self._hf_config.value
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        """input_ids [B, T], attention_mask [B, T] (1 = real token) -> [B] or [E, B] float32."""
+                 positions: jax.Array | None = None, *, remat: str | None = None,
+                 adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
+        """input_ids [B, T], attention_mask [B, T] (1 = real token) -> [B] or [E, B] float32.
+
+        remat, adapters, dropout_key: as `CausalLM.hidden_states` (the score head's adapter
+        follows `adapters` too).
+        """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
-        hidden = self.backbone.hidden_states(input_ids, attention_mask, positions)  # [B, T, D]
+        keys = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+        hidden = self.backbone.hidden_states(input_ids, attention_mask, positions, remat=remat,
+                                             adapters=adapters,
+                                             dropout_key=keys[0])  # [B, T, D]
         last = last_token_index(attention_mask)
         pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, D]
-        scores = jnp.dot(pooled.astype(jnp.float32), self.score[...].astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST)  # [B, E]
+        scores = self.score(pooled.astype(jnp.float32),
+                            Adapters(enabled=adapters, key=keys[1]))  # [B, E] float32
         return scores[:, 0] if self.num_heads is None else scores.T
 
 
@@ -121,18 +131,10 @@ def create_reward_model(config: Any, *, rngs: nnx.Rngs, num_heads: int | None = 
     return nnx.merge(graphdef, init(key))
 
 
-def _place(array: np.ndarray, variable: nnx.Variable, mesh: Mesh | None, rules: Rules):
-    """Host array -> device array; on a mesh each device receives only its shard."""
-    if mesh is None:
-        return jnp.asarray(array)
-    axes = variable.get_metadata().get("out_sharding") or (None,) * array.ndim
-    sharding = logical_to_mesh_sharding(axes, mesh, rules, array.shape)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 def load_reward_model(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
                       param_dtype=jnp.float32, mesh: Mesh | None = None,
-                      rules: Rules = DEFAULT_RULES, revision: str | None = None) -> RewardModel:
+                      rules: Rules = DEFAULT_RULES, revision: str | None = None,
+                      check_finite: bool = True) -> RewardModel:
     """Loads an HF `*ForSequenceClassification` checkpoint (safetensors only, no remote code).
 
     `num_labels == 1` gives a scalar-head model ([B] outputs); `num_labels = E > 1` gives E
@@ -142,52 +144,46 @@ def load_reward_model(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
 
     Raises:
       OSError / FileNotFoundError: as `alignax.models.from_pretrained`.
-      ValueError: a missing tensor, a shape mismatch, or checkpoint tensors the model does
-        not use (e.g. a causal LM's lm_head: load that with `from_pretrained` instead).
+      ValueError: as `from_pretrained` (missing, misshapen, non-floating or non-finite
+        tensors, an index pointing outside the directory), or checkpoint tensors the model
+        does not use (e.g. a causal LM's lm_head: load that with `from_pretrained` instead).
     """
     directory = resolve_checkpoint(path_or_hub_id, revision=revision)
     config = transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     num_labels = int(getattr(config, "num_labels", 1))
     num_heads = None if num_labels == 1 else num_labels
-    reader = SafetensorsReader(directory)
+    reader = SafetensorsReader(directory, check_finite=check_finite)
     model = nnx.eval_shape(lambda: RewardModel(config, rngs=nnx.Rngs(0), num_heads=num_heads,
                                                dtype=dtype, param_dtype=param_dtype))
     graphdef, abstract = nnx.split(model)
     backbone = family_module(model.backbone.config).params_from_hf(
         model.backbone.arch, reader, set(reader.keys()))
-    values = {("backbone", *path): w for path, w in backbone}
-    values[("score",)] = reader("score.weight").T  # [E, D] -> [D, E]
+    sources = {("backbone", *path): load for path, load in backbone.items()}
+    sources[("score", "kernel")] = lambda: reader("score.weight").T  # [E, D] -> [D, E]
+    variables = dict(nnx.to_flat_state(abstract))
+    assign_params(variables, sources, layers=("backbone", model.backbone.BLOCKS),
+                  num_layers=model.backbone.arch.num_layers, mesh=mesh, rules=rules,
+                  directory=directory)
     unused = reader.unused()
     if unused:
         raise ValueError(f"checkpoint tensors a reward model does not use: {unused[:8]} "
                          f"({directory})")
-    flat = nnx.to_flat_state(abstract)
-    missing = sorted(".".join(map(str, p)) for p, _ in flat if p not in values)
-    if missing:
-        raise ValueError(f"parameters not found in the checkpoint: {missing}")
-    leaves = []
-    for path, variable in flat:
-        array = np.asarray(values[path])
-        if array.shape != variable.shape:
-            raise ValueError(f"parameter {'.'.join(map(str, path))}: checkpoint shape "
-                             f"{array.shape} != model shape {variable.shape} ({directory})")
-        leaves.append((path, variable.replace(
-            _place(array.astype(variable.dtype), variable, mesh, rules))))
-    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    reader.raise_if_nonfinite()
+    return nnx.merge(graphdef, nnx.from_flat_state(variables))
 
 
 def save_reward_model(model: RewardModel, path: str | os.PathLike) -> None:
     """Writes `model` as an HF `*ForSequenceClassification` checkpoint (config.json +
     model.safetensors) that `transformers.AutoModelForSequenceClassification` loads."""
+    refuse_adapters(model)
     directory = pathlib.Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     config.num_labels = model.num_heads or 1
     config.architectures = [_SEQUENCE_CLASSIFICATION[config.model_type]]
-    params = {path: np.asarray(jax.device_get(v[...]))
-              for path, v in nnx.to_flat_state(nnx.state(model.backbone, nnx.Param))}
+    params = host_params(model.backbone, layers=model.backbone.BLOCKS)
     tensors = family_module(_backbone_config(config)).params_to_hf(model.backbone.arch, params)
-    tensors["score.weight"] = np.asarray(jax.device_get(model.score[...])).T  # [D, E] -> [E, D]
+    tensors["score.weight"] = np.asarray(jax.device_get(model.score.kernel[...])).T  # [E, D]
     safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                                 str(directory / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(directory))
@@ -262,14 +258,23 @@ class RewardEnsemble(nnx.Module):
         return cls(nnx.merge(graphdef, _stack_states(states)), num_members=len(models))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        """[B, T] inputs -> [M, B] (or [M, E, B]) float32 scores of every member."""
+                 positions: jax.Array | None = None, *, remat: str | None = None,
+                 adapters: bool = True, dropout_key: jax.Array | None = None) -> jax.Array:
+        """[B, T] inputs -> [M, B] (or [M, E, B]) float32 scores of every member.
 
-        @nnx.vmap(in_axes=(0, None, None, None), out_axes=0)
-        def forward(member, input_ids, attention_mask, positions):
-            return member(input_ids, attention_mask, positions)
+        remat, adapters, dropout_key: as `RewardModel.__call__` (member m's dropout draws
+        from `fold_in(dropout_key, m)`).
+        """
+        keys = (None if dropout_key is None else
+                jax.vmap(lambda m: jax.random.fold_in(dropout_key, m))(
+                    jnp.arange(self.num_members)))  # [M] keys
 
-        return forward(self.members, input_ids, attention_mask, positions)
+        @nnx.vmap(in_axes=(0, None, None, None, None if keys is None else 0), out_axes=0)
+        def forward(member, input_ids, attention_mask, positions, key):
+            return member(input_ids, attention_mask, positions, remat=remat, adapters=adapters,
+                          dropout_key=key)
+
+        return forward(self.members, input_ids, attention_mask, positions, keys)
 
     def member(self, i: int) -> RewardModel:
         """Member i as a standalone RewardModel (a copy of its parameters)."""

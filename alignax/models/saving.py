@@ -2,7 +2,10 @@
 `transformers.AutoModelForCausalLM.from_pretrained`, vLLM and `from_pretrained` here all load.
 
 Tensors keep the model's parameter dtype; large models are split into shards
-model-0000i-of-0000n.safetensors with a model.safetensors.index.json, as HF writes them.
+model-0000i-of-0000n.safetensors with a model.safetensors.index.json, as HF writes them. The
+stacked [L, ...] layer parameters are written as HF's per-layer tensors. A model with LoRA
+adapters is refused: save `alignax.models.lora.merge(model)` (or the adapters alone with
+`alignax.models.lora.save_adapter`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,32 @@ def _host_array(value: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(value))
 
 
+def refuse_adapters(model: nnx.Module) -> None:
+    """ValueError if `model` holds LoRA adapters, which HF base-model files cannot hold."""
+    lora = [".".join(map(str, p))
+            for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))]
+    if lora:
+        raise ValueError(f"the model has LoRA adapters ({lora[:2]}"
+                         f"{' ...' if len(lora) > 2 else ''}): save "
+                         "alignax.models.lora.merge(model) for merged weights, or "
+                         "alignax.models.lora.save_adapter(model, path) for the adapters alone")
+
+
+def host_params(model: nnx.Module, *, layers: str) -> dict[tuple, np.ndarray]:
+    """{per-layer parameter path: host array} of a CausalLM without adapters: a stacked
+    [L, ...] variable under the attribute `layers` becomes L entries (layers, i, ...), the
+    form the family modules' `params_to_hf` read."""
+    refuse_adapters(model)
+    out = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = _host_array(variable[...])
+        if path[0] == layers:
+            out.update({(layers, i, *path[1:]): layer for i, layer in enumerate(value)})
+        else:
+            out[path] = value
+    return out
+
+
 def save_pretrained(model: CausalLM, path: str | os.PathLike, *,
                     max_shard_bytes: int = 5 * 2**30) -> pathlib.Path:
     """Writes `model` to directory `path` in HF format; returns the directory.
@@ -42,9 +71,11 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *,
         host one at a time; in a multi-host job every process calls this, process 0 writes).
       path: output directory (created).
       max_shard_bytes: above this total size the weights are split into index-linked shards.
+
+    Raises:
+      ValueError: the model has LoRA adapters (merge them first).
     """
-    params = {path: _host_array(v[...]) for path, v in
-              nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = host_params(model, layers=model.BLOCKS)
     tensors = family_module(model.config).params_to_hf(model.arch, params)
     if jax.process_index() != 0:
         return pathlib.Path(path)

@@ -33,7 +33,7 @@ from alignax.rl.penalties import divergence_estimate, loss_penalty, reward_penal
 from alignax.rl.rollout import UPDATE_KEY, score_responses
 from alignax.training.mesh import batch_sharding, replicated
 from alignax.training.state import TrainState, cast_floating
-from alignax.training.step import REMAT_POLICIES
+from alignax.models.remat import REMAT_POLICIES
 
 ROLLOUT_COLUMNS = ("prompt_input_ids", "prompt_attention_mask", "response_ids", "response_mask",
                    "old_logps", "ref_logps", "old_values", "scores")

@@ -201,7 +201,8 @@ def check_batch(objective: Objective, columns: Mapping[str, tuple[tuple[int, ...
 
 def check_data(objective: Objective, data: Any, *, share_prompt: bool = False) -> None:
     """Checks a PreferenceDataset (its format, and the columns one collated example has) or
-    a batch dict against what `objective` needs, and its per-record bins against `num_bins`.
+    a batch dict against what `objective` needs, and its per-record and per-response bins
+    against `num_bins`.
 
     Raises:
       ValueError: naming the objective, the data's format or column, and the fix.
@@ -215,7 +216,9 @@ def check_data(objective: Objective, data: Any, *, share_prompt: bool = False) -
         sample = data.collate(data.examples[:1], share_prompt=share_prompt)
         columns = {k: (v.shape, v.dtype) for k, v in sample.items()}
         source = f"this dataset is {data.format!r}"
-        bins = [np.asarray([ex.bin for ex in data.examples if ex.bin is not None])]
+        bins = [np.asarray([ex.bin for ex in data.examples if ex.bin is not None]),
+                np.asarray([b for ex in data.examples for role_bins in ex.response_bins.values()
+                            for b in role_bins], dtype=np.int64)]  # per response, -1 = absent
     check_batch(objective, columns, share_prompt=share_prompt, source=source)
     num_bins = getattr(objective, "num_bins", None)
     largest = max((int(b.max()) for b in bins if b.size), default=None)

@@ -23,23 +23,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from alignax.logprobs import chunked_sequence_logprobs, next_token_targets
+from alignax.models.remat import check_remat
 from alignax.objectives.registry import REWARD_MODEL, Objective, ObjectiveInputs, Scores
 from alignax.training.compatibility import check_batch, check_compatible
 from alignax.training.mesh import BATCH_AXES, batch_sharding, replicated
 from alignax.training.state import TrainState, cast_floating
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole forward in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
     """How a step computes (not what it optimises).
 
     grad_accum_steps: micro-batches per update; the batch size must be a multiple of it.
-    remat: None, "full" or "dots" (`REMAT_POLICIES`): rematerialise the policy forward.
+    remat: None, "dots", "full" or "offload": per-layer rematerialisation of the model
+      forward (`alignax.models.remat`).
     compute_dtype: "float32" or "bfloat16" activations/matmuls; the master parameters,
       optimizer state, log-probs and losses stay float32.
     chunk_size / vocab_chunk_size: `chunked_sequence_logprobs` blocks.
@@ -58,7 +54,8 @@ class StepConfig:
 
 
 def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
-                  chunk_size: int, vocab_chunk_size: int | None) -> dict[str, jax.Array]:
+                  chunk_size: int, vocab_chunk_size: int | None,
+                  remat: str | None = None) -> dict[str, jax.Array]:
     """Per-sequence log pi(response | prompt) of each role, in one concatenated forward pass.
 
     Args:
@@ -81,7 +78,7 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
             cols.append(jnp.pad(x, ((0, 0), (0, length - ids.shape[-1]))))  # right-pad to T
         rows.append(cols)
     ids, attention_mask, loss_mask = (jnp.concatenate(c, axis=0) for c in zip(*rows))  # [N, T]
-    hidden = model.hidden_states(ids, attention_mask=attention_mask)  # [N, T, D]
+    hidden = model.hidden_states(ids, attention_mask=attention_mask, remat=remat)  # [N, T, D]
     targets, mask = next_token_targets(ids, loss_mask.astype(bool) & attention_mask.astype(bool))
     logps = chunked_sequence_logprobs(hidden, model.unembedding(), targets, mask,
                                       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
@@ -94,8 +91,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
 
 
 def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...],
-                         *, chunk_size: int, vocab_chunk_size: int | None
-                         ) -> dict[str, jax.Array]:
+                         *, chunk_size: int, vocab_chunk_size: int | None,
+                         remat: str | None = None) -> dict[str, jax.Array]:
     """`role_logprobs` from the batch's shared-prompt rows ("packed_*" columns).
 
     One forward pass over [B, L] packed rows (segment mask: each response reads the prompt
@@ -127,7 +124,8 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
     hidden = model.hidden_states(batch["packed_input_ids"],
                                  attention_mask=batch["packed_attention_mask"],
                                  positions=batch["packed_positions"],
-                                 segment_ids=batch["packed_segment_ids"])  # [B, L, D]
+                                 segment_ids=batch["packed_segment_ids"],
+                                 remat=remat)  # [B, L, D]
     scored = jnp.take_along_axis(hidden, index.reshape(b, m * width, 1), axis=1)  # [B, M*R, D]
     logps = chunked_sequence_logprobs(
         scored.reshape(b * m, width, hidden.shape[-1]), model.unembedding(),
@@ -143,8 +141,8 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
     return {role: out[role] for role in roles}
 
 
-def role_rewards(model: nnx.Module, batch: dict[str, jax.Array],
-                 roles: tuple[str, ...]) -> dict[str, jax.Array]:
+def role_rewards(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
+                 remat: str | None = None) -> dict[str, jax.Array]:
     """A reward model's scores of each role's sequences, in one concatenated forward pass.
 
     Returns:
@@ -159,7 +157,8 @@ def role_rewards(model: nnx.Module, batch: dict[str, jax.Array],
         pad = ((0, 0), (0, length - x.shape[-1]))
         ids.append(jnp.pad(x.reshape(-1, x.shape[-1]), pad))  # [B(*K), T]
         masks.append(jnp.pad(m.reshape(-1, m.shape[-1]), pad))
-    scores = model(jnp.concatenate(ids), attention_mask=jnp.concatenate(masks))  # [*heads, N]
+    scores = model(jnp.concatenate(ids), attention_mask=jnp.concatenate(masks),
+                   remat=remat)  # [*heads, N]
     heads = scores.ndim - 1
     out, start = {}, 0
     for role, lead in zip(roles, leads):
@@ -309,9 +308,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
     """
     if reference not in ("model", "cached"):
         raise ValueError(f"reference must be 'model' or 'cached', got {reference!r}")
-    if config.remat is not None and config.remat not in REMAT_POLICIES:
-        raise ValueError(f"remat must be None or one of {sorted(REMAT_POLICIES)}, "
-                         f"got {config.remat!r}")
+    check_remat(config.remat)
     if config.grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
     check_compatible(objective, model=graphdef)
@@ -332,12 +329,10 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
 
     def policy_logps(params, model_state, batch):
         if needs.model == REWARD_MODEL:  # a reward model under training: its scores per role
-            return role_rewards(merged(params, model_state), batch, roles)
+            return role_rewards(merged(params, model_state), batch, roles, remat=config.remat)
         return score_roles(merged(params, model_state), batch, roles,
-                           chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size)
-
-    if config.remat is not None:
-        policy_logps = jax.checkpoint(policy_logps, policy=REMAT_POLICIES[config.remat])
+                           chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
+                           remat=config.remat)
 
     def reference_logps(reference_params, model_state, batch):
         if not needs.reference:
