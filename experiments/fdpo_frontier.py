@@ -3,7 +3,7 @@ diversity trade-off and calibration of thesis ch. 2 (§2.6.1-2.6.4, Figures 2.2,
 Tables 2.2-2.4), on a task the embedded tiny model can learn.
 
     python -m experiments.fdpo_frontier                      # embedded default (CPU, minutes)
-    python -m experiments.fdpo_frontier --seeds 0,1,2,3,4 --betas 0.1,0.3,0.9 --run_dir runs/x
+    python -m experiments.fdpo_frontier --seeds 0 1 2 3 4 --betas 0.1 0.3 0.9 --run_dir runs/x
 
 The task (`experiments.frontier.task`): prompts open a film review ("Honestly, the pacing
 was"), responses complete it with one or two evaluative clauses from a small grammar whose
@@ -58,7 +58,7 @@ from alignax.objectives import FDPO
 from alignax.rl import RolloutConfig
 from alignax.training.mesh import make_mesh
 from alignax.training.state import split_model
-from experiments.cli import parse_config
+from alignax.trainer.cli import parse_config
 from experiments.frontier import report, task
 from experiments.frontier.evaluation import EvalSet, diversity, evaluate
 from experiments.frontier.training import (FDPORun, PPORun, PPOVariant, check_run_config,
