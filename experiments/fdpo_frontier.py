@@ -3,6 +3,7 @@ diversity trade-off and calibration of thesis ch. 2 (§2.6.1-2.6.4, Figures 2.2,
 Tables 2.2-2.4), on a task the embedded tiny model can learn.
 
     python -m experiments.fdpo_frontier                      # embedded default (CPU, minutes)
+    python -m experiments.fdpo_frontier full                 # FULL: every divergence (an hour)
     python -m experiments.fdpo_frontier --seeds 0 1 2 3 4 --betas 0.1 0.3 0.9 --run_dir runs/x
 
 The task (`experiments.frontier.task`): prompts open a film review ("Honestly, the pacing
@@ -107,18 +108,18 @@ class Config:
     label_temperature: float = 0.1  # Bradley-Terry temperature of the oracle's labels
     max_new_tokens: int = 16
     # f-DPO
-    divergences: tuple[str, ...] = ("reverse_kl", "jsd", "alpha_0.5", "forward_kl")
+    divergences: tuple[str, ...] = ("reverse_kl", "jsd", "forward_kl")
     betas: tuple[float, ...] = (0.1, 0.9)
     fdpo_steps: int = 100
     fdpo_batch_size: int = 32
     fdpo_learning_rate: float = 3e-4
-    fdpo_eval_every: int = 25
+    fdpo_eval_every: int = 50
     adam_eps: float = 1e-4  # Adam's epsilon for f-DPO and PPO (see BUILD.md)
-    nll_weight: float = 0.2  # ablation: f-DPO + this NLL term at table_beta (0: not run)
+    nll_weight: float = 0.0  # ablation: f-DPO + this NLL term at table_beta (0: not run)
     # PPO
     ppo_variants: tuple[str, ...] = ("reward", "loss", "reward_f_prime")
     ppo_coefs: tuple[float, ...] = (0.03, 0.3)
-    ppo_iterations: int = 30
+    ppo_iterations: int = 20
     ppo_prompts_per_iteration: int = 32
     ppo_samples_per_prompt: int = 2
     ppo_learning_rate: float = 5e-4
@@ -126,7 +127,7 @@ class Config:
     ppo_minibatches: int = 2
     ppo_whiten_advantages: bool = False  # off: beta means the same in both placements
     ppo_level: str = "sequence"  # the penalty on whole responses: f-DPO's divergence
-    ppo_eval_every: int = 30
+    ppo_eval_every: int = 20
     # evaluation
     eval_samples: int = 8  # samples per held-out prompt (and as many reference samples)
     temperatures: tuple[float, ...] = (0.6, 1.0, 1.4)
@@ -179,7 +180,7 @@ FULL = dataclasses.replace(
     Config(), run_dir="runs/fdpo_frontier_full", seeds=(0, 1, 2, 3, 4),
     divergences=("reverse_kl", "jsd", "alpha_0.3", "alpha_0.5", "alpha_0.7", "forward_kl"),
     betas=(0.1, 0.3, 0.9), ppo_coefs=(0.01, 0.03, 0.1, 0.3), fdpo_steps=200,
-    fdpo_eval_every=25, ppo_iterations=60, ppo_eval_every=15)
+    fdpo_eval_every=25, nll_weight=0.2, ppo_iterations=60, ppo_eval_every=15)
 """Every divergence of Table 2.2 and the thesis' four PPO coefficients, on the embedded task
 (about an hour on 2 cores)."""
 
@@ -426,8 +427,19 @@ def run(config: Config) -> str:
     return report.write(config, runs, pathlib.Path(config.run_dir))
 
 
+PRESETS = {"smoke": SMOKE, "full": FULL, "paper": PAPER}
+"""A first positional argument naming one of these starts from it instead of `Config()`."""
+
+
+def parse(argv: Sequence[str] | None = None) -> Config:
+    """The command line's Config: `[smoke|full|paper] [--field value ...]`."""
+    argv = list(argv or [])
+    default = PRESETS[argv.pop(0)] if argv and argv[0] in PRESETS else None
+    return parse_config(Config, argv, default=default, prog="python -m experiments.fdpo_frontier")
+
+
 def main(argv: Sequence[str] | None = None) -> str:
-    config = parse_config(Config, argv, prog="python -m experiments.fdpo_frontier")
+    config = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO

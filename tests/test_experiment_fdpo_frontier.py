@@ -131,6 +131,9 @@ def test_pair_metrics_by_hand():
     np.testing.assert_array_equal(out["accuracy"], [1.0])
     tied = pair_metrics(logps, log_ratios, lengths, np.full((1, 4), 0.5), probability)
     assert np.isnan(tied["accuracy"]).all()
+    # the reference itself (h = 0 everywhere) orders no pair: accuracy 1/2, not 0
+    at_reference = pair_metrics(logps, np.zeros((1, 4)), lengths, rewards, probability)
+    np.testing.assert_array_equal(at_reference["accuracy"], [0.5])
 
 
 def test_evaluation_steps():
@@ -177,6 +180,9 @@ def test_registered_and_configurable(capsys):
         assert message in " ".join(capsys.readouterr().err.split()), bad
     for config in (fdpo_frontier.SMOKE, fdpo_frontier.FULL, fdpo_frontier.PAPER):
         assert isinstance(config, fdpo_frontier.Config)
+    assert fdpo_frontier.parse([]) == fdpo_frontier.Config()
+    full = fdpo_frontier.parse(["full", "--seeds", "7"])  # a preset, then overrides
+    assert full == dataclasses.replace(fdpo_frontier.FULL, seeds=(7,))
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +198,7 @@ def test_smoke_run_writes_every_output(smoke):
     for name in ("frontier.png", "entropy.png", "ece.png"):
         assert (out / name).stat().st_size > 5000, name
     assert "## Claims of the thesis, checked on this run" in text
-    for row in ("f-DPO jsd (beta 0.1)", "f-DPO+NLL jsd (beta 0.1)", "PPO(reward) jsd (coef 0.1)",
-                "PPO(loss) jsd (coef 0.1)"):
+    for row in ("f-DPO jsd (beta 0.1)", "PPO(reward) jsd (coef 0.1)", "PPO(loss) jsd (coef 0.1)"):
         assert f"| {row} |" in text, row
     assert (out / "results.md").read_text() == text
     summary = json.loads((out / "summary.json").read_text())
@@ -217,7 +222,7 @@ def test_smoke_run_writes_every_output(smoke):
 
 def test_restart_after_a_kill_reproduces_the_run(smoke):
     config, text = smoke
-    run = fdpo_frontier.pathlib.Path(config.run_dir) / "seed_1" / "fdpo_nll" / "jsd_beta0.1"
+    run = fdpo_frontier.pathlib.Path(config.run_dir) / "seed_1" / "fdpo" / "jsd_beta0.1"
     evals = run / "evals.jsonl"
     lines = evals.read_text().splitlines()
     final = json.loads(lines[-1])

@@ -170,7 +170,8 @@ def pair_metrics(logps, log_ratios, lengths, rewards, probability) -> dict[str, 
 
     Returns:
       {"ece": [P] mean stochastic ECE over the prompt's pairs, "accuracy": [P] share of its
-      non-tied pairs ordered as the oracle orders them (NaN if all are tied)}.
+      non-tied pairs ordered as the oracle orders them, a pair with h_a = h_b counting 1/2
+      (NaN if all are tied)}.
     """
     scores = np.asarray(logps, np.float64) / np.maximum(lengths, 1)  # [P, K]
     a, b = scores[:, 0::2], scores[:, 1::2]  # [P, K/2]
@@ -181,7 +182,8 @@ def pair_metrics(logps, log_ratios, lengths, rewards, probability) -> dict[str, 
     margin = log_ratios[:, 0::2] - log_ratios[:, 1::2]  # h_a - h_b
     better = np.sign(rewards[:, 0::2] - rewards[:, 1::2])  # +1: a preferred by the oracle
     counted = better != 0
-    agree = (np.sign(margin) == better) & counted
+    # a pair the policy does not separate (h_a = h_b, e.g. the reference itself) counts half
+    agree = np.where(margin == 0, 0.5, np.sign(margin) == better) * counted
     with np.errstate(invalid="ignore", divide="ignore"):
         accuracy = agree.sum(-1) / np.where(counted.any(-1), counted.sum(-1), np.nan)
     return {"ece": ece, "accuracy": accuracy}
