@@ -27,6 +27,14 @@ response, mapped to [0, 1]. The study, per seed (the SFT'd reference is shared):
    temperatures 0.6 / 1.0 / 1.4, preference accuracy and the stochastic ECE of §2.8.8 on
    held-out oracle-labelled pairs; 95% bootstrap intervals over (seed, prompt) units.
 
+The embedded default (`Config()`) runs reverse KL, JSD and forward KL, f-DPO at betas 0.1 and
+0.9, the three PPO variants at coefficients 0.03 and 0.3, three seeds; its cost is mostly
+compilation (one f-DPO step per (divergence, beta), one PPO trainer per (divergence, variant),
+each shared by the seeds and coefficients). `FULL` adds alpha in {0.3, 0.5, 0.7}, a third beta,
+the thesis' four PPO coefficients, five seeds and the NLL ablation; `PAPER` the thesis'
+evaluation settings. Name one first on the command line (`python -m experiments.fdpo_frontier
+full --seeds 0 1`).
+
 Outputs under `run_dir`: reference/ (SFT), seed_<s>/ (pairs, per-run evals.jsonl, metrics.jsonl,
 checkpoints), and the results: results.md (tables beside the thesis' numbers and the claims
 checked against this run's numbers), summary.json, metrics.jsonl (one line per run and
