@@ -178,7 +178,7 @@ SMOKE = Config(run_dir="runs/fdpo_frontier_smoke", seeds=(0, 1), progress=False,
                sft_examples=2048, sft_steps=60, sft_batch_size=32, eval_prompts=4,
                pair_samples=2, divergences=("jsd",), betas=(0.1,),
                fdpo_steps=4, fdpo_batch_size=8, fdpo_eval_every=2,
-               ppo_variants=("reward", "loss"), ppo_coefs=(0.1,), ppo_iterations=2,
+               ppo_variants=("reward", "loss"), ppo_coefs=(0.1, 1.0), ppo_iterations=2,
                ppo_prompts_per_iteration=4, ppo_eval_every=1, eval_samples=2,
                temperatures=(1.0, 1.4), table_beta=0.1, max_new_tokens=8,
                bootstrap_resamples=200)

@@ -198,6 +198,7 @@ def test_smoke_run_writes_every_output(smoke):
     for name in ("frontier.png", "entropy.png", "ece.png"):
         assert (out / name).stat().st_size > 5000, name
     assert "## Claims of the thesis, checked on this run" in text
+    assert "- Does the coefficient restrain PPO?" in text and "  - jsd: PPO(reward) " in text
     for row in ("f-DPO jsd (beta 0.1)", "PPO(reward) jsd (coef 0.1)", "PPO(loss) jsd (coef 0.1)"):
         assert f"| {row} |" in text, row
     assert (out / "results.md").read_text() == text

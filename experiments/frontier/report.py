@@ -197,6 +197,26 @@ def claims(config, groups, summaries, reference_runs) -> tuple[list[str], dict]:
                 verdicts[f"stability/{name}"] = loss_c < reward_c
             lines.append(f"  - {name}: {text}: {verdict}.")
 
+    # 2b. whether the coefficient restrains each PPO variant (the f(u)/u penalty's fixed point is
+    # not the regularised optimum except for reverse KL: `alignax.rl.penalties`)
+    if ppo_present and len(config.ppo_coefs) >= 2:
+        low, high = min(config.ppo_coefs), max(config.ppo_coefs)
+        lines.append(f"- Does the coefficient restrain PPO? D_f(pi, pi_ref) at the final step with "
+                     f"coefficient {low:g} -> {high:g} (not a thesis claim; the thesis' "
+                     "PPO(reward) penalty f(u)/u has the regularised optimum as its fixed point "
+                     "only for reverse KL, the f'(u) - f'(1) ablation for every divergence):")
+        for name in config.divergences:
+            cells = []
+            for method in PPO_METHODS:
+                ends = [groups.get((method, name, c)) for c in (low, high)]
+                if None in ends:
+                    continue
+                d = [summaries(g, g.final_step, f"mis/{name}") for g in ends]
+                if None not in d:
+                    cells.append(f"{method} {d[0].mean:.3f} -> {d[1].mean:.3f}")
+            if cells:
+                lines.append(f"  - {name}: " + "; ".join(cells) + ".")
+
     # 3. entropy ordering (§2.6.2, Table 2.2)
     beta = config.table_beta
     entropy = {}
