@@ -27,6 +27,20 @@ response, mapped to [0, 1]. The study, per seed (the SFT'd reference is shared):
    temperatures 0.6 / 1.0 / 1.4, preference accuracy and the stochastic ECE of §2.8.8 on
    held-out oracle-labelled pairs; 95% bootstrap intervals over (seed, prompt) units.
 
+What the committed run of the default shows (`experiments/results/fdpo_frontier/results.md`,
+where every verdict is computed from that run's numbers): the task is learnable (f-DPO and PPO
+raise the held-out oracle reward clearly above the reference's while samples stay
+grammatical), and f-DPO traces a reward-vs-divergence curve along training for each beta.
+Not reproduced: f-DPO being more divergence-efficient than PPO (here PPO, trained on the
+oracle itself with on-policy samples, reaches more reward at equal divergence than f-DPO on
+noisy offline pairs); the entropy ordering reverse KL < JSD < forward KL; the ECE growing with
+training (it falls here from the reference's). Not tested: PPO(loss) being more stable than
+PPO(reward) for JS / forward KL, since no run collapsed in 20 iterations; but the thesis'
+PPO(reward) penalty f(u)/u does not restrain JS or forward KL (the divergence does not fall
+as the coefficient rises), while PPO(loss) and the f'(u) - f'(1) ablation do. f-DPO under JSD
+at beta 0.9 drifts off the grammar (its f' is bounded above, so the loss keeps pushing the
+rejected responses down).
+
 The embedded default (`Config()`) runs reverse KL, JSD and forward KL, f-DPO at betas 0.1 and
 0.9, the three PPO variants at coefficients 0.03 and 0.3, three seeds; its cost is mostly
 compilation (one f-DPO step per (divergence, beta), one PPO trainer per (divergence, variant),
