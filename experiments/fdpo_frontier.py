@@ -38,8 +38,8 @@ training (it falls here from the reference's). Not tested: PPO(loss) being more 
 PPO(reward) for JS / forward KL, since no run collapsed in 20 iterations; but the thesis'
 PPO(reward) penalty f(u)/u does not restrain JS or forward KL (the divergence does not fall
 as the coefficient rises), while PPO(loss) and the f'(u) - f'(1) ablation do. f-DPO under JSD
-at beta 0.9 drifts off the grammar (its f' is bounded above, so the loss keeps pushing the
-rejected responses down).
+at beta 0.9 moves far from the reference and about a quarter of its samples leave the grammar
+(JSD's f' is bounded above, so the loss can only fall by pushing rejected responses down).
 
 The embedded default (`Config()`) runs reverse KL, JSD and forward KL, f-DPO at betas 0.1 and
 0.9, the three PPO variants at coefficients 0.03 and 0.3, three seeds; its cost is mostly
