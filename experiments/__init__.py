@@ -21,5 +21,7 @@ and a JSON summary.
 
 EXPERIMENTS: tuple[str, ...] = (
     "fdpo_frontier",
+    "fdpo_sentiment",
+    "distill_length_bias",
 )
 """Module names under `experiments`, each following the contract above."""
