@@ -80,13 +80,12 @@ from alignax.models import create, tiny_config
 from alignax.objectives import FDPO
 from alignax.rl import RolloutConfig
 from alignax.training.mesh import make_mesh
-from alignax.training.state import split_model
 from alignax.trainer.cli import parse_config
 from experiments.frontier import report, task
 from experiments.frontier.evaluation import EvalSet, diversity, evaluate
 from experiments.frontier.training import (FDPORun, PPORun, PPOVariant, check_run_config,
                                            pairs_dataset, preference_pairs,
-                                           reference_logps_for, sft_arrays, sft_reference)
+                                           reference_logps_for, sft_reference)
 
 log = logging.getLogger("experiments.fdpo_frontier")
 
@@ -248,15 +247,13 @@ def build_reference(config: Config, tokenizer, mesh):
                                eos_token_id=tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)
     model = create(model_config, rngs=nnx.Rngs(0), mesh=mesh)
-    graphdef, params, rest = split_model(model)
     run = pathlib.Path(config.run_dir) / "reference"
-    check_run_config(run, fields(config, REFERENCE_FIELDS))
+    check_run_config(run / "study", fields(config, REFERENCE_FIELDS))
     examples = task.sft_examples(task.prompts(), config.sft_examples, seed=0)
-    arrays = sft_arrays(tokenizer, examples, length=config.max_length)
-    params = sft_reference(graphdef, params, rest, arrays, run=run, mesh=mesh,
-                           steps=config.sft_steps, batch_size=config.sft_batch_size,
-                           learning_rate=config.sft_learning_rate, seed=0,
-                           config=fields(config, REFERENCE_FIELDS), progress=config.progress)
+    graphdef, params, rest = sft_reference(
+        model, tokenizer, examples, run=run, mesh=config.mesh, steps=config.sft_steps,
+        batch_size=config.sft_batch_size, learning_rate=config.sft_learning_rate,
+        max_length=config.max_length, seed=0, progress=config.progress)
     return graphdef, params, rest, model_config
 
 

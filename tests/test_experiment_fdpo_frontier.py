@@ -20,7 +20,7 @@ from experiments import EXPERIMENTS, fdpo_frontier
 from alignax.trainer.cli import parse_config
 from experiments.frontier import report, task
 from experiments.frontier.evaluation import mixture_divergence_terms, pair_metrics
-from experiments.frontier.training import evaluation_steps, sft_arrays
+from experiments.frontier.training import evaluation_steps
 
 TOKENIZER = default_tokenizer()
 DIVERGENCES = [("reverse_kl", None), ("forward_kl", None), ("jsd", None), ("alpha", 0.3),
@@ -70,24 +70,6 @@ def test_preference_probability_is_bradley_terry():
     np.testing.assert_array_equal(
         task.preference_probability(np.array([1.0, 0.0, 0.5]), np.array([0.5, 0.5, 0.5]),
                                     temperature=0), [1.0, 0.0, 0.5])
-
-
-def test_sft_rows_score_the_response_and_eos_only():
-    examples = task.sft_examples(task.prompts(), 64, seed=0)
-    arrays = sft_arrays(TOKENIZER, examples, length=24)
-    for i, (prompt, response) in enumerate(examples):
-        prompt_ids = TOKENIZER.encode(prompt, add_special_tokens=False)
-        response_ids = TOKENIZER.encode(prompt + response, add_special_tokens=False)[
-            len(prompt_ids):]
-        row = arrays["chosen_input_ids"][i]
-        n = 1 + len(prompt_ids) + len(response_ids) + 1
-        # the prompt's tokens are a prefix of prompt + response's (responses start with a space)
-        assert row[1:1 + len(prompt_ids)].tolist() == prompt_ids
-        assert row[:n][arrays["chosen_loss_mask"][i][:n]].tolist() == [
-            *response_ids, TOKENIZER.eos_token_id]
-        assert arrays["chosen_attention_mask"][i].sum() == n
-    with pytest.raises(ValueError, match="demonstration 0"):
-        sft_arrays(TOKENIZER, examples[:1], length=4)
 
 
 # ---------------------------------------------------------------- estimators and metrics

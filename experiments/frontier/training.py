@@ -1,6 +1,7 @@
 """The training phases of `experiments.fdpo_frontier`, each resumable from its run directory.
 
     sft_reference     SFT of the embedded model on the task's demonstrations -> pi_ref
+                      (`alignax.trainer.train`)
     preference_pairs  K reference samples per training prompt, every non-tied pair labelled by a
                       draw from the oracle's Bradley-Terry probability -> "standard" records
     FDPORun           f-DPO (thesis eq. 2.2, Algorithm 1) from pi_ref on those pairs
@@ -27,11 +28,13 @@ import numpy as np
 from flax import nnx
 
 import alignax.eval as ev
-from alignax.data import BatchIterator, prepare_dataset
+from alignax.data import prepare_dataset
 from alignax.objectives import FDPO, SFT
 from alignax.rl import (ActorCritic, FunctionReward, KLControllerConfig, PenaltyConfig,
                         PPOConfig, PPOTrainer, RolloutConfig, ValueHead, make_ppo_optimizer,
                         prompt_batches, resume, train_ppo)
+from alignax.trainer import DataConfig, ModelConfig, RunConfig, TrainConfig
+from alignax.trainer import train as trainer_train
 from alignax.training.checkpoint import Checkpointer
 from alignax.training.loop import MetricsLogger, NonFiniteLossError, train
 from alignax.training.reference import WithReferenceLogps, cached_reference_logps
@@ -46,72 +49,25 @@ Evaluate = Callable[[object, int], dict[str, np.ndarray]]
 
 # ---------------------------------------------------------------- the reference
 
-def sft_arrays(tokenizer, examples: Sequence[tuple[str, str]], *, length: int
-               ) -> dict[str, np.ndarray]:
-    """Demonstrations -> SFT batch columns [R, length]: bos + prompt + response + eos, right
-    padded, the loss on the response (and eos) tokens only.
-
-    Raises:
-      ValueError: naming the first demonstration longer than `length` tokens.
-    """
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = tokenizer([p for p, _ in examples], add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([p + r for p, r in examples], add_special_tokens=False)["input_ids"]
-    ids = np.full((len(examples), length), pad, np.int32)
-    attention = np.zeros((len(examples), length), np.int32)
-    loss = np.zeros((len(examples), length), bool)
-    for i, (prompt, full) in enumerate(zip(prompts, fulls)):
-        row = [bos, *full, eos]
-        if len(row) > length:
-            raise ValueError(f"demonstration {i} ({examples[i]!r}) has {len(row)} tokens, more "
-                             f"than sft_length={length}")
-        ids[i, :len(row)], attention[i, :len(row)] = row, 1
-        loss[i, 1 + len(prompt):len(row)] = True  # response + eos
-    return {"chosen_input_ids": ids, "chosen_attention_mask": attention,
-            "chosen_loss_mask": loss}
-
-
-class ArrayBatches(BatchIterator):
-    """A seeded, resumable iterator of batches over the rows of equal-length arrays."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], *, batch_size: int, seed: int):
-        rows = len(next(iter(arrays.values())))
-        super().__init__(list(range(rows)),
-                         lambda index: {k: v[np.asarray(index)] for k, v in arrays.items()},
-                         batch_size=batch_size, seed=seed)
-
-
-def sft_reference(graphdef, params, rest, arrays: dict[str, np.ndarray], *, run: pathlib.Path,
-                  mesh, steps: int, batch_size: int, learning_rate: float, seed: int,
-                  config: dict, progress: bool):
-    """SFT of `params` on the demonstrations (cosine schedule); checkpointed at the end, so a
-    second call restores instead of training. Returns the SFT'd parameters."""
-    optimizer, schedule = make_optimizer(OptimizerConfig(
-        learning_rate=learning_rate, schedule="cosine", warmup_steps=min(20, steps),
-        total_steps=steps))
-    state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(seed),
-                                          mesh=mesh)
-    batches = ArrayBatches(arrays, batch_size=batch_size, seed=seed)
-    checkpointer = Checkpointer(run / "checkpoints", config=config, save_every=steps, keep=1)
-    try:
-        restored = checkpointer.restore_latest(state, batches=batches)
-        if restored is not None:
-            state = restored[0]
-            log.info("reference: restored the SFT checkpoint of step %d", int(state.step))
-        if int(state.step) < steps:
-            step = make_train_step(graphdef, SFT(), optimizer, schedule, mesh=mesh,
-                                   state_shardings=shardings, model_state=rest,
-                                   config=StepConfig(vocab_chunk_size=None))
-            logger = MetricsLogger(run, tensorboard=False)
-            try:
-                state = train(step, state, batches, num_steps=steps, mesh=mesh,
-                              checkpointer=checkpointer, logger=logger, progress=progress,
-                              description="sft reference")
-            finally:
-                logger.close()
-    finally:
-        checkpointer.close()
-    return state.params
+def sft_reference(model, tokenizer, examples: Sequence[tuple[str, str]], *, run: pathlib.Path,
+                  mesh: tuple[int, int, int], steps: int, batch_size: int,
+                  learning_rate: float, max_length: int, seed: int, progress: bool):
+    """SFT of `model` on the (prompt, response) demonstrations with `alignax.trainer.train`
+    in `run` (cosine schedule; the loss on the response and EOS tokens); a finished run is
+    restored from its checkpoint instead of trained again. Returns (graphdef, params,
+    model_state) of the SFT'd model."""
+    # SFT reads the chosen response only; the standard format needs a "rejected" column
+    records = [{"prompt": p, "chosen": r, "rejected": r} for p, r in examples]
+    run_config = RunConfig(
+        run_dir=str(run), model=ModelConfig("tiny", seed=seed),
+        data=DataConfig(max_length=max_length), objective=SFT(),
+        train=TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                          lr_schedule="cosine", warmup_steps=min(20, steps), share_prompt=False,
+                          vocab_chunk_size=None, mesh=mesh, seed=seed, save_every=steps,
+                          keep_checkpoints=1, export=False, progress=progress,
+                          tensorboard=False, compilation_cache=False))
+    result = trainer_train(run_config, model=model, data=records, tokenizer=tokenizer)
+    return result.graphdef, result.params, result.model_state
 
 
 # ---------------------------------------------------------------- preference data
