@@ -23,5 +23,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "fdpo_frontier",
     "fdpo_sentiment",
     "distill_length_bias",
+    "multisample_numbers",
+    "multisample_label_noise",
 )
 """Module names under `experiments`, each following the contract above."""

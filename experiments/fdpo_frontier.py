@@ -3,7 +3,7 @@ diversity trade-off and calibration of thesis ch. 2 (§2.6.1-2.6.4, Figures 2.2,
 Tables 2.2-2.4), on a task the embedded tiny model can learn.
 
     python -m experiments.fdpo_frontier                      # embedded default (CPU, minutes)
-    python -m experiments.fdpo_frontier full                 # FULL: every divergence (an hour)
+    python -m experiments.fdpo_frontier full                 # FULL: every divergence
     python -m experiments.fdpo_frontier --seeds 0 1 2 3 4 --betas 0.1 0.3 0.9 --run_dir runs/x
 
 The task (`experiments.frontier.task`): prompts open a film review ("Honestly, the pacing
@@ -203,7 +203,7 @@ FULL = dataclasses.replace(
     betas=(0.1, 0.3, 0.9), ppo_coefs=(0.01, 0.03, 0.1, 0.3), fdpo_steps=200,
     fdpo_eval_every=25, nll_weight=0.2, ppo_iterations=60, ppo_eval_every=15)
 """Every divergence of Table 2.2 and the thesis' four PPO coefficients, on the embedded task
-(about an hour on 2 cores)."""
+(not run for the committed results)."""
 
 PAPER = dataclasses.replace(
     FULL, run_dir="runs/fdpo_frontier_paper", mesh=(1, -1, 1), top_p=0.95, eval_samples=26,
