@@ -20,6 +20,7 @@ and a JSON summary.
 """
 
 EXPERIMENTS: tuple[str, ...] = (
+    "fdpo_frontier",
     "fdpo_sentiment",
     "distill_length_bias",
     "multisample_numbers",
