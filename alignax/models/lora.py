@@ -163,7 +163,7 @@ def without_adapters(model: CausalLM | RewardModel | RewardEnsemble):
     """A copy of `model` without its adapters: the base model (the arrays are shared, not
     copied), for code that takes a plain model, e.g. sampling's reference log-probs."""
     model = nnx.clone(model)
-    for _, dense in _adapted(model):
+    for _, dense in adapted_projections(model):
         dense.lora = None
     return model
 
@@ -173,7 +173,7 @@ def merge(model: CausalLM | RewardModel | RewardEnsemble):
     in float32, stored in W's dtype), and no adapters: `save_pretrained` /
     `save_reward_model` write it as plain HF weights."""
     model = nnx.clone(model)
-    for _, dense in _adapted(model):
+    for _, dense in adapted_projections(model):
         lora, kernel = dense.lora, dense.kernel[...]
         delta = jnp.matmul(lora.lora_a[...].astype(jnp.float32),
                            lora.lora_b[...].astype(jnp.float32),
@@ -335,8 +335,8 @@ def _target_modules(model, targets: Sequence[str]) -> list[tuple[str, Dense]]:
     return out
 
 
-def _adapted(model: nnx.Module) -> list[tuple[tuple, Dense]]:
-    """(path, Dense) of every projection holding an adapter."""
+def adapted_projections(model: nnx.Module) -> list[tuple[tuple, Dense]]:
+    """(path, Dense) of every projection of `model` holding an adapter (`Dense.lora`)."""
     return [(path, node) for path, node in nnx.iter_graph(model)
             if isinstance(node, Dense) and node.lora is not None]
 

@@ -225,6 +225,11 @@ def make_optimizer(config: OptimizerConfig) -> tuple[optax.GradientTransformatio
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw), schedule
 
 
+class TrainedParam(nnx.Param):
+    """A parameter trained also when the model trains LoRA adapters: a new head that has no
+    pretrained value to adapt (PPO's value head)."""
+
+
 def has_adapters(model_or_params: Any) -> bool:
     """Whether a model (or an nnx.State) holds LoRA adapters (`nnx.LoRAParam`)."""
     if isinstance(model_or_params, nnx.Module):
@@ -236,11 +241,13 @@ def has_adapters(model_or_params: Any) -> bool:
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable params, other model state) of an nnx model.
 
-    The trainable parameters are the LoRA adapters (`nnx.LoRAParam`, float32) when the model
-    has any, else every `nnx.Param`; the frozen base weights of an adapted model go to the
-    model state with the non-parameter state.
+    The trainable parameters are the LoRA adapters (`nnx.LoRAParam`, float32) and any
+    `TrainedParam` when the model has adapters, else every `nnx.Param`; the frozen base
+    weights of an adapted model go to the model state with the non-parameter state.
     """
-    return nnx.split(model, nnx.LoRAParam if has_adapters(model) else nnx.Param, ...)
+    if has_adapters(model):
+        return nnx.split(model, nnx.Any(nnx.LoRAParam, TrainedParam), ...)
+    return nnx.split(model, nnx.Param, ...)
 
 
 def _param_sharding(x: jax.Array, mesh: Mesh) -> NamedSharding:
