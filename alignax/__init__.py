@@ -6,6 +6,7 @@ and the analytic toy lab live in their modules and subpackages.
 """
 
 from alignax.logprobs import chunked_sequence_logprobs
+from alignax.logprobs import chunked_token_logprobs
 from alignax.logprobs import next_token_targets
 from alignax.logprobs import sequence_logprobs
 from alignax.logprobs import token_logprobs
@@ -14,6 +15,7 @@ from alignax.objectives import __all__ as _objective_names
 
 __all__ = [
     "chunked_sequence_logprobs",
+    "chunked_token_logprobs",
     "next_token_targets",
     "sequence_logprobs",
     "token_logprobs",

@@ -1,5 +1,5 @@
-"""The README quickstart against TRL: `examples/dpo_hh.py` (alignax) and
-`examples/trl_dpo_hh.py` (TRL's DPOTrainer) on the same 64-record Anthropic-HH file and the same
+"""The README quickstart against TRL: the README's `dpo_hh.py` config (alignax) and its
+`trl_dpo_hh.py` script (TRL's DPOTrainer), read from the README's code blocks, on the same 64-record Anthropic-HH file and the same
 tiny Llama checkpoint, with the same settings (beta 0.1, AdamW at a constant 1e-4, clipping at
 1.0, batch 8, 16 steps, max_length 128).
 
@@ -53,9 +53,19 @@ def write_inputs(out: pathlib.Path) -> None:
     save_pretrained(create(config, rngs=nnx.Rngs(0)), out / "ckpt")
     tokenizer.save_pretrained(str(out / "ckpt"))
     (out / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh_records(64)))
-    for name in ("dpo_hh.py", "trl_dpo_hh.py"):
-        text = (ROOT / "examples" / name).read_text()
+    for name, text in readme_scripts().items():
         (out / name).write_text(text.replace(HUB_ID, "ckpt"))
+
+
+def readme_scripts() -> dict[str, str]:
+    """The README's quickstart config and its TRL counterpart: file name -> code block."""
+    text = (ROOT / "README.md").read_text()
+    blocks = {}
+    for name, marker in (("dpo_hh.py", "## Quickstart"),
+                         ("trl_dpo_hh.py", "The same run with TRL's `DPOTrainer`")):
+        start = text.index("```python\n", text.index(marker)) + len("```python\n")
+        blocks[name] = text[start:text.index("```", start)]
+    return blocks
 
 
 def run(out: pathlib.Path) -> dict:

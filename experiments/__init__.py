@@ -21,5 +21,6 @@ and a JSON summary.
 
 EXPERIMENTS: tuple[str, ...] = (
     "fdpo_sentiment",
+    "distill_length_bias",
 )
 """Module names under `experiments`, each following the contract above."""

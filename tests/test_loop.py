@@ -175,7 +175,7 @@ def poisoned_at(bad_step: int):
 
 @pytest.mark.parametrize("bad_step,message,newest", [
     # the state after step 3 is not due (save_every=2); step 4's loss is NaN, the loop stops
-    (3, r"non-finite loss nan .* at step 4; the state at step 3 was not checkpointed "
+    (3, r"non-finite loss nan, .* at step 4; the state at step 3 was not checkpointed "
         r"\(refusing to checkpoint step 3 .* non-finite values in \d+ of \d+ arrays .*\); the "
         r"newest checkpoint on disk is step 2", 2),
     # the state after step 2 is due: the save refuses it and the loop stops at once

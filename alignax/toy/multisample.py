@@ -221,6 +221,8 @@ class RngConfig:
     The reference of each prompt favours one number (as Llama-3 favours 7, Figure 3.3):
     log pi_ref = noise_scale * z + favourite_logit * onehot(favourite), z ~ N(0, 1).
     Chosen groups are k uniform draws; rejected groups are k draws from pi_ref (non-uniform).
+    Every method adds nll_weight times the chosen responses' negative log-likelihood, as the
+    thesis does (§3.6.1, footnote 3, after Pang et al. 2024, weight 1); 0 is the ablation.
     Groups of size k are the first k members of groups drawn at size max_k, so the data of
     different k (and the single samples of DPO/IPO) are nested, and comparisons are paired.
     """
@@ -233,7 +235,7 @@ class RngConfig:
     noise_scale: float = 0.3
     beta: float = 0.1
     tau: float = 0.5
-    nll_weight: float = 0.0
+    nll_weight: float = 1.0
     steps: int = 200
     learning_rate: float = 0.05
 

@@ -12,6 +12,7 @@
 from alignax.training.checkpoint import Checkpointer
 from alignax.training.compatibility import check_compatible
 from alignax.training.checkpoint import ConfigMismatchError
+from alignax.training.checkpoint import NonFiniteStateError
 from alignax.training.checkpoint import export_hf
 from alignax.training.loop import MetricsLogger
 from alignax.training.loop import NonFiniteLossError
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigMismatchError",
     "MetricsLogger",
     "NonFiniteLossError",
+    "NonFiniteStateError",
     "OptimizerConfig",
     "StepConfig",
     "TrainState",

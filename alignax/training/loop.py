@@ -229,8 +229,8 @@ def train(step: Callable, state: Any, batches: Iterator[dict], *, num_steps: int
             if not metrics["update_applied"] or not math.isfinite(metrics["loss"]):
                 saved = _save_final(checkpointer, index, state, data_state)
                 raise NonFiniteLossError(
-                    f"non-finite loss {metrics['loss']} or grad norm {metrics['grad_norm']} at "
-                    f"step {index + 1}; {saved}")
+                    f"non-finite loss {metrics['loss']}, grad norm {metrics['grad_norm']} or "
+                    f"update norm {metrics.get('update_norm')} at step {index + 1}; {saved}")
             data_state = batches.get_state()
             if logger is not None:
                 logger.log(index + 1, metrics)
