@@ -79,7 +79,10 @@ class Critic(nnx.Module):
             raise ValueError(f"a critic starts from a one-head reward model, this one has "
                              f"{reward_model.num_heads} heads")
         copy = _copy_arrays(reward_model)
-        return cls(copy.backbone, ValueHead(copy.score[...]))
+        if copy.score.bias is not None or copy.score.lora is not None:
+            raise ValueError("a critic starts from a reward model whose score head is a plain "
+                             "[D, 1] kernel (no bias; merge() its LoRA adapters first)")
+        return cls(copy.backbone, ValueHead(copy.score.kernel[...]))
 
     @classmethod
     def from_policy(cls, policy: CausalLM) -> Critic:
