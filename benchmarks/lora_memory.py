@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/lora_memory.py --layers 2 # a quick look
 
 A Llama with hidden 2048, 16 layers, 32 heads (8 KV heads), MLP 5632, vocab 32000, untied
-embeddings (~1.1B parameters), one DPO step of `alignax.training.step.make_train_step` on 4
+embeddings (0.85B parameters), one DPO step of `alignax.training.step.make_train_step` on 4
 pairs of 256 prompt + 256 response tokens (4 x 512 tokens per role), bf16 compute, per-layer
 remat "full", AdamW + clipping, on one device:
 
