@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     config = parse_config(Config, argv, prog="python -m experiments.fdpo_sentiment")
     # every objective is built (and its hyper-parameters checked) before any work starts
     objectives = {name: fdpo_objective(config, name) for name in config.divergences}
-    lora_config(config)
+    lora_config(config)  # the LoRA flags too: refused before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     initialize_distributed()
     mesh = make_mesh(config.mesh)
