@@ -22,5 +22,7 @@ and a JSON summary.
 EXPERIMENTS: tuple[str, ...] = (
     "fdpo_sentiment",
     "distill_length_bias",
+    "multisample_numbers",
+    "multisample_label_noise",
 )
 """Module names under `experiments`, each following the contract above."""
