@@ -108,10 +108,14 @@ def step_memory(kind: str, layers: int) -> dict:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=LAYERS)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     rows = {kind: step_memory(kind, args.layers) for kind in ("full", "lora")}
     gib = 2 ** 30
     columns = ("trained", "frozen", "optimizer", "reference", "temp", "total")
