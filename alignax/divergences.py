@@ -89,6 +89,86 @@ def _exp_difference_jvp(primals, tangents):
     return exp_difference(h1, h2, c), tangent
 
 
+def frexp32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(m, e) with x = m 2^e, |m| in [1/2, 1) (0 and e = 0 for x = 0 or subnormal x), exactly,
+    for finite float32 x: the exponent field read off the bits (a handful of XLA ops, where
+    jnp.frexp compiles to dozens)."""
+    bits = jax.lax.bitcast_convert_type(as_float32(x), jnp.int32)
+    field = (bits >> 23) & 0xFF
+    normal = field > 0
+    mantissa = jax.lax.bitcast_convert_type((bits & jnp.int32(-0x7F800001)) | 0x3F000000,
+                                            jnp.float32)  # sign kept, exponent of 1/2
+    return jnp.where(normal, mantissa, 0.0), jnp.where(normal, field - 126, 0)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+    """2^e as float32 for int e in [-126, 127], built from the bits."""
+    return jax.lax.bitcast_convert_type((e + 127) << 23, jnp.float32)
+
+
+def ldexp32(x: jax.Array, e: jax.Array) -> jax.Array:
+    """x 2^e for float32 x and int32 e, overflowing to inf and underflowing to 0 like a
+    product (three in-range powers of two; cheaper to compile than jnp.ldexp)."""
+    e = jnp.clip(e, -3 * 126, 3 * 127)
+    parts = []
+    for _ in range(3):
+        part = jnp.clip(e, -126, 127)
+        parts.append(part)
+        e = e - part
+    return ((x * _pow2(parts[0])) * _pow2(parts[1])) * _pow2(parts[2])
+
+
+_LN2_HI = 0.693115234375  # ln 2 to 12 bits: n * _LN2_HI is exact in float32 for |n| < 2^12
+_LN2_LO = math.log(2.0) - _LN2_HI
+
+
+def scaled_exp(coef, log_coef: jax.Array, x: jax.Array, exponent=0) -> jax.Array:
+    """coef * 2^exponent * e^x for coef >= 0, finite wherever the true value is.
+
+    `coef` is an array or a tuple of arrays (their product, never formed: each factor's
+    mantissa and binary exponent are taken apart by frexp, so the product cannot over- or
+    underflow on the way), `log_coef` its natural log, `exponent` an int array. e^x is
+    range-reduced, x = n ln 2 + r with |r| <= ln 2 / 2 (Cody-Waite: r is exact), and the power
+    of two applied by ldexp, so the result is within a few ulps wherever every factor is a
+    normal float32 number, even where e^x alone over- or underflows. Where a factor is not
+    (it underflowed to 0 or overflowed while log_coef is exact), the exponent x + log_coef is
+    reduced instead, with its rounding (eps |x + log coef|, that of e^y at a float32-rounded
+    y). log_coef = -inf (coef = 0) gives exactly 0. Elementwise, broadcasting. Differentiable
+    in the factors and x (the bit-level frexp has no derivative of its own).
+    """
+    factors = coef if isinstance(coef, tuple) else (coef,)
+    return _scaled_exp(factors, log_coef, x, jnp.asarray(exponent, jnp.int32))
+
+
+@jax.custom_jvp
+def _scaled_exp(factors, log_coef, x, exponent):
+    tiny, top = jnp.finfo(jnp.float32).tiny, jnp.finfo(jnp.float32).max
+    zero = log_coef == -jnp.inf
+    normal = functools.reduce(jnp.logical_and, [(f >= tiny) & (f <= top) for f in factors],
+                              jnp.asarray(True))
+    y = jnp.where(normal | zero, x, x + log_coef)  # the exponent still to apply
+    n = jnp.clip(jnp.round(y / math.log(2.0)), -600.0, 600.0)  # beyond: 0 or inf anyway
+    r = (y - n * _LN2_HI) - n * _LN2_LO
+    mantissa, power = jnp.ones_like(y), exponent + n.astype(jnp.int32)
+    for f in factors:
+        m, e = frexp32(jnp.where(normal, f, 1.0))
+        mantissa, power = mantissa * m, power + e
+    return jnp.where(zero, 0.0, ldexp32(mantissa * jnp.exp(r), power))
+
+
+@_scaled_exp.defjvp
+def _scaled_exp_jvp(primals, tangents):
+    factors, log_coef, x, exponent = primals
+    d_factors, _, d_x, _ = tangents
+    value = _scaled_exp(factors, log_coef, x, exponent)
+    tangent = value * d_x
+    for i, d_f in enumerate(d_factors):  # d(prod f) = sum_i (prod_{j != i} f_j) d f_i
+        others = factors[:i] + factors[i + 1:]
+        log_others = sum((jnp.log(f) for f in others), jnp.zeros_like(x))
+        tangent = tangent + _scaled_exp(others, log_others, x, exponent) * d_f
+    return value, tangent
+
+
 def _softplus_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     """softplus(a) - softplus(b), without cancellation near a = b.
 
@@ -99,6 +179,32 @@ def _softplus_difference(a: jax.Array, b: jax.Array) -> jax.Array:
     d = a - b
     near = jnp.log1p(jnp.expm1(jnp.clip(d, -1.0, 1.0)) * jax.nn.sigmoid(b))
     return jnp.where(jnp.abs(d) < 1.0, near, jax.nn.softplus(a) - jax.nn.softplus(b))
+
+
+@jax.custom_jvp
+def _jsd_f(h: jax.Array) -> jax.Array:
+    """JSD's f(e^h) = u log u - (u+1) log((u+1)/2), elementwise.
+
+    u (log 2 + log sigmoid h) - (softplus h - log 2) for h <= 1; above, the first term as
+    exp(h + log A), A = log(2u/(1+u)) = -log1p(expm1(-h)/2), finite up to h = 89.1 where e^h
+    alone overflows at 88.7. The derivative e^h A is written out: differentiating the exp of a
+    sum of logs would overflow an intermediate cotangent (value / A) first.
+    """
+    high = h > 1.0
+    hp, hn = jnp.where(high, h, 1.0), jnp.where(high, 1.0, h)  # each branch in its range
+    low = jnp.exp(hn) * (_LOG2 + jax.nn.log_sigmoid(hn)) - (jax.nn.softplus(hn) - _LOG2)
+    up = jnp.exp(hp + jnp.log(-jnp.log1p(jnp.expm1(-hp) / 2))) - (jax.nn.softplus(hp) - _LOG2)
+    return jnp.where(high, up, low)
+
+
+@_jsd_f.defjvp
+def _jsd_f_jvp(primals, tangents):
+    (h,), (dh,) = primals, tangents
+    high = h > 1.0
+    hp, hn = jnp.where(high, h, 1.0), jnp.where(high, 1.0, h)
+    slope = jnp.where(high, jnp.exp(hp + jnp.log(-jnp.log1p(jnp.expm1(-hp) / 2))),
+                      jnp.exp(hn) * (_LOG2 + jax.nn.log_sigmoid(hn)))  # e^h f'(e^h)
+    return _jsd_f(h), slope * dh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,20 +239,30 @@ class Divergence:
         return {"forward_kl": 1.0, "alpha": self.alpha}.get(self.name)
 
     def f(self, log_u: jax.Array) -> jax.Array:
-        """f(u) at u = exp(log_u) (Table 2.1), so that D_f(p, q) = sum_y q(y) f(p(y)/q(y))."""
+        """f(u) at u = exp(log_u) (Table 2.1), so that D_f(p, q) = sum_y q(y) f(p(y)/q(y)).
+
+        Finite wherever the true value is a finite float32 and never NaN for finite log_u,
+        value and gradient in log_u: where u overflows (log_u > 88.7) f need not (JSD up to
+        log_u = 89.1, total variation up to 89.4), so those terms are formed as one exp of a
+        sum of logs; reverse KL's h e^h likewise below h = -1, where e^h underflows first.
+        Alpha has f'(1) = 0, so its f is its `estimator` (the same value, formed without the
+        inf - inf of u^(1-a) - (1-a) u); like the estimator, it gets no gradient in alpha.
+        """
         h = as_float32(log_u)
-        if self.name == "reverse_kl":
-            return h * jnp.exp(h)
+        if self.name == "reverse_kl":  # below h = -1 as -exp(h + log(-h)): e^h may underflow
+            low = h < -1.0  # (h = -89) while h e^h is still a normal float32
+            hn = jnp.where(low, h, -1.0)
+            return jnp.where(low, -jnp.exp(hn + jnp.log(-hn)), h * jnp.exp(jnp.where(low, 0.0, h)))
         if self.name == "forward_kl":
             return -h
         if self.name == "jsd":
-            # u log u - (u+1) log((u+1)/2) = u (log 2 + log sigmoid h) - (softplus h - log 2)
-            return jnp.exp(h) * (_LOG2 + jax.nn.log_sigmoid(h)) - (jax.nn.softplus(h) - _LOG2)
+            return _jsd_f(h)
         if self.name == "alpha":
-            a = self.alpha
-            return (jnp.exp((1.0 - a) * h) - (1.0 - a) * jnp.exp(h) - a) / (a * (a - 1.0))
+            return self.estimator(h)
         if self.name == "total_variation":
-            return 0.5 * jnp.abs(jnp.expm1(h))
+            high = h > 1.0
+            return jnp.where(high, jnp.exp(jnp.where(high, h, 1.0) - _LOG2) - 0.5,
+                             0.5 * jnp.abs(jnp.expm1(jnp.where(high, 1.0, h))))
         return jnp.square(jnp.expm1(h))  # chi_squared
 
     def f_prime(self, log_u: jax.Array) -> jax.Array:
@@ -326,7 +442,8 @@ def get_divergence(name: str, *, alpha: float | jax.Array | None = None,
     """Validates `name` / `alpha` and returns the Divergence.
 
     Raises:
-      ValueError: unknown name; alpha missing, given for another divergence, or not in (0, 1);
+      ValueError: unknown name; alpha missing, given for another divergence, not in (0, 1) or
+        below float32's smallest normal number;
         total_variation / chi_squared when `admissible_only` (Theorem 1).
     """
     if name not in ADMISSIBLE + INADMISSIBLE:
@@ -341,6 +458,10 @@ def get_divergence(name: str, *, alpha: float | jax.Array | None = None,
                 f"alpha must be in (0, 1) (alpha -> 0 is reverse_kl, alpha -> 1 is forward_kl), "
                 f"got {alpha!r}"
             )
+        if isinstance(alpha, (int, float)) and alpha < jnp.finfo(jnp.float32).tiny:
+            raise ValueError(f"alpha={alpha!r} is below float32's smallest normal number "
+                             f"({jnp.finfo(jnp.float32).tiny:.3g}), which compiled code flushes "
+                             f"to 0; use divergence='reverse_kl' (the alpha -> 0 limit)")
     elif alpha is not None:
         raise ValueError(f"alpha={alpha!r} was given but divergence={name!r} takes no alpha")
     return Divergence(name, alpha)

@@ -67,11 +67,15 @@ def model_step(n: int, t: int, repeats: int) -> float:
     return _timeit(jax.jit(jax.value_and_grad(loss)), state, tokens, repeats=repeats)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seq-len", type=int, default=64)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     repeats = 3 if args.quick else 10
     n_ref, m_ref = 1024, 60
 

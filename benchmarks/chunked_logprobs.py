@@ -43,7 +43,7 @@ import time
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=2048)
@@ -166,7 +166,7 @@ def _load() -> str:
 
 
 def main(argv=None) -> None:
-    args = _parse_args(argv)
+    args = parse_args(argv)
     if args.worker is not None:
         print(json.dumps(_worker(args)))
         return

@@ -62,7 +62,7 @@ def even_token_reward(prompt_ids, prompt_mask, response_ids, response_mask):
         response_mask.sum(-1), 1)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--prompts", type=int)
@@ -71,7 +71,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--minibatches", type=int, default=4)
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     preset = PRESETS[args.preset]
     prompts = args.prompts or preset["prompts"]
     new_tokens = args.new_tokens or preset["new_tokens"]

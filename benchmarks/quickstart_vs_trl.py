@@ -85,8 +85,7 @@ def run(out: pathlib.Path) -> dict:
         cwd=out, env=env, check=True, capture_output=True, text=True)
     history = json.loads(trl.stdout.strip().splitlines()[-1])
     trl_losses = [r["loss"] for r in history if "loss" in r]
-    lines = {name: len((ROOT / "examples" / name).read_text().splitlines())
-             for name in ("dpo_hh.py", "trl_dpo_hh.py")}
+    lines = {name: len(text.splitlines()) for name, text in readme_scripts().items()}
     return {"lines": lines,
             "alignax": {"steps": len(alignax_losses), "final_loss": alignax_losses[-1],
                         "mean_loss_last_4": sum(alignax_losses[-4:]) / 4},
@@ -94,10 +93,14 @@ def run(out: pathlib.Path) -> dict:
                     "mean_loss_last_4": sum(trl_losses[-4:]) / 4}}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=None)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.out is None:
         with tempfile.TemporaryDirectory() as out:
             print(json.dumps(run(pathlib.Path(out))))

@@ -93,7 +93,7 @@ def measure(layers: int, remat: str | None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="2,8,32", help="depths of the memory table")
     parser.add_argument("--remats", default="none,dots,full", help="policies of the table")
@@ -102,7 +102,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="fresh-process compiles per depth for the comparison (median)")
     parser.add_argument("--child", nargs=2, metavar=("LAYERS", "REMAT"))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         layers, remat = int(args.child[0]), args.child[1]
         print(json.dumps(compile_step(layers, None if remat == "none" else remat)))

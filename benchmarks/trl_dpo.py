@@ -299,7 +299,7 @@ def nominal_peak(device: str, override_tflops: float | None) -> float | None:
     return next((peak for key, peak in NOMINAL_PEAK.items() if key in device), None)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--vocabs", default=None, help="comma-separated (default: the preset's)")
@@ -309,16 +309,21 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="nominal bf16 peak for MFU on a GPU not in NOMINAL_PEAK")
     parser.add_argument("--child", choices=sorted(RUNS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = set(args.runs.split(",")) - set(RUNS)
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     preset = PRESETS[args.preset]
     vocabs = [int(v) for v in (args.vocabs or preset.vocabs).split(",")]
     if args.child:
         print(json.dumps(child(args.child, preset, vocabs[0], args.steps, args.warmup)))
         return
     runs = args.runs.split(",")
-    unknown = set(runs) - set(RUNS)
-    if unknown:
-        parser.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
     tokens = 2 * preset.pairs * (preset.prompt + preset.response)
     rows, report = [], {"benchmark": "trl_dpo", "preset": dataclasses.asdict(preset),
                         "tokens_per_step": tokens, "load_average_start": os.getloadavg(),

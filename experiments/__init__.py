@@ -20,7 +20,11 @@ and a JSON summary.
 """
 
 EXPERIMENTS: tuple[str, ...] = (
+    "fdpo_frontier",
     "fdpo_sentiment",
+    "distill_length_bias",
+    "multisample_numbers",
+    "multisample_label_noise",
     "causal_reward",
 )
 """Module names under `experiments`, each following the contract above."""

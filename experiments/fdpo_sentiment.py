@@ -40,6 +40,7 @@ from flax import nnx
 from alignax.data import BatchIterator, default_tokenizer, load_records
 from alignax.data.tokenizer import CORPUS_PATH
 from alignax.models import create, from_pretrained, generate, tiny_config
+from alignax.models.lora import LoRAConfig, add_lora, merge
 from alignax.training.checkpoint import Checkpointer, export_hf
 from alignax.training.loop import MetricsLogger, plot_metrics, read_metrics, train
 from alignax.training.mesh import initialize_distributed, make_mesh
@@ -94,6 +95,8 @@ class Config:
     save_every: int = 20
     keep_checkpoints: int = 2
     export: bool = False  # write each final policy as HF safetensors under <run>/hf
+    lora_rank: int | None = None  # f-DPO trains LoRA adapters of this rank (reference: the base)
+    lora_alpha: float | None = None  # LoRA alpha (scale alpha / rank); None: 2 * lora_rank
     progress: bool = True
 
 
@@ -304,6 +307,17 @@ def make_evaluator(config: Config, graphdef, rest, reference_params, tokenizer, 
     return evaluate
 
 
+def lora_config(config: Config) -> LoRAConfig | None:
+    """The f-DPO phase's adapters on every projection (None: full fine-tuning), validated."""
+    if config.lora_rank is None:
+        if config.lora_alpha is not None:
+            raise ValueError("--lora_alpha needs --lora_rank")
+        return None
+    alpha = 2.0 * config.lora_rank if config.lora_alpha is None else config.lora_alpha
+    return LoRAConfig(rank=config.lora_rank, alpha=alpha,
+                      targets=("q", "k", "v", "o", "gate", "up", "down"))
+
+
 def fdpo_objective(config: Config, name: str) -> FDPO:
     """The f-DPO objective of divergence `name` (thesis eq. 2.2), validated when built."""
     divergence, alpha = divergence_config(name)
@@ -317,11 +331,26 @@ def train_divergence(config: Config, name: str, objective: FDPO, graphdef, rest,
     mesh = params_mesh(reference_params)
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=config.learning_rate,
                                                          total_steps=config.train_steps))
-    state, shardings = create_train_state(reference_params, optimizer,
+    lora = lora_config(config)
+    policy_graphdef, params, policy_rest, reference = graphdef, reference_params, rest, "model"
+    if lora is not None:  # adapters on the reference; the reference = adapters off
+        model = add_lora(nnx.merge(graphdef, reference_params, rest), lora,
+                         rngs=nnx.Rngs(config.seed + 4), mesh=mesh)
+        policy_graphdef, params, policy_rest = split_model(model)
+        reference = "base"
+
+    def full_weights(params):  # the evaluator's layout: adapters merged into the weights
+        if lora is None:
+            return params
+        return split_model(merge(nnx.merge(policy_graphdef, params, policy_rest)))[1]
+
+    state, shardings = create_train_state(params, optimizer,
                                           key=jax.random.PRNGKey(config.seed + 3), mesh=mesh)
-    step = make_train_step(graphdef, objective, optimizer, schedule, mesh=mesh,
-                           state_shardings=shardings, model_state=rest,
-                           config=StepConfig(compute_dtype=config.compute_dtype))
+    step = make_train_step(policy_graphdef, objective, optimizer, schedule, mesh=mesh,
+                           state_shardings=shardings, model_state=policy_rest,
+                           config=StepConfig(compute_dtype=config.compute_dtype),
+                           reference=reference)
+    frozen = reference_params if lora is None else None  # the step's reference_params
     run = pathlib.Path(config.run_dir) / name
     run.mkdir(parents=True, exist_ok=True)
     evals_path = run / "evals.jsonl"
@@ -337,16 +366,16 @@ def train_divergence(config: Config, name: str, objective: FDPO, graphdef, rest,
         if end in done:
             continue
         state = run_phase(config, run, step, state, batches, num_steps=end,
-                          reference=reference_params, description=f"f-DPO {name}",
+                          reference=frozen, description=f"f-DPO {name}",
                           phase="fdpo")
-        done[end] = evaluate(state.params, end)
+        done[end] = evaluate(full_weights(state.params), end)
         with evals_path.open("a") as f:
             f.write(json.dumps(done[end]) + "\n")
     if config.export:  # restores the final checkpoint when every segment was already done
         state = run_phase(config, run, step, state, batches, num_steps=config.train_steps,
-                          reference=reference_params, description=f"f-DPO {name}",
+                          reference=frozen, description=f"f-DPO {name}",
                           phase="fdpo")
-        export_hf(graphdef, state.params, run / "hf", model_state=rest)
+        export_hf(policy_graphdef, state.params, run / "hf", model_state=policy_rest)
     final = read_metrics(run / "metrics.jsonl")[-1]
     records = [done[s] for s in sorted(done)]
     records[-1] = {**records[-1], "train_loss": final["loss"],
@@ -397,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     config = parse_config(Config, argv, prog="python -m experiments.fdpo_sentiment")
     # every objective is built (and its hyper-parameters checked) before any work starts
     objectives = {name: fdpo_objective(config, name) for name in config.divergences}
+    lora_config(config)  # the LoRA flags too: refused before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     initialize_distributed()
     mesh = make_mesh(config.mesh)

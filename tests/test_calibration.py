@@ -163,3 +163,29 @@ def test_top_label_ece_is_small_for_a_calibrated_predictor():
     tiled = np.tile(probs.astype(np.float32), (20000, 1))
     labels = jax.random.categorical(jax.random.key(1), jnp.log(tiled), axis=-1)
     assert float(top_label_ece(tiled, labels, n_bins=10)) < 2.0 * np.sqrt(10 / tiled.shape[0])
+
+
+def test_ece_difference_bounds_match_float64_divergences():
+    """The KL and JS terms of `ece_difference_bounds` against float64, including zeros in
+    either distribution (KL infinite where p > 0 = q), and exactly 0 for identical policies."""
+    from alignax.metrics.calibration import ece_difference_bounds
+    rng = np.random.default_rng(3)
+    p = rng.dirichlet(np.full(N, 0.3), size=B).astype(np.float32)
+    q = rng.dirichlet(np.full(N, 0.3), size=B).astype(np.float32)
+    p[0, 0], q[1, 1] = 0.0, 0.0
+    p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+    truth = rng.dirichlet(np.ones(N), size=B).astype(np.float32)
+    bounds = jax.jit(ece_difference_bounds)(p, q, truth)
+    p64, q64 = np.float64(p), np.float64(q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.sum(np.where(p64 > 0, p64 * np.log(p64 / q64), 0.0), -1)
+        m = (p64 + q64) / 2
+        js = 0.5 * np.sum(np.where(p64 > 0, p64 * np.log(p64 / m), 0.0)
+                          + np.where(q64 > 0, q64 * np.log(q64 / m), 0.0), -1)
+    np.testing.assert_allclose(bounds["jsd"], np.mean(4 * np.sqrt(2 * js)), rtol=1e-5)
+    finite = np.isfinite(kl)
+    assert not finite.all() and float(bounds["kl_12"]) == np.inf  # p > 0 = q somewhere
+    kl_finite = jax.jit(ece_difference_bounds)(p[finite], q[finite], truth[finite])["kl_12"]
+    np.testing.assert_allclose(kl_finite, np.mean(4 * np.sqrt(kl[finite] / 2)), rtol=1e-5)
+    same = jax.jit(ece_difference_bounds)(p, p, truth)
+    assert all(float(v) == 0.0 for v in same.values()), same

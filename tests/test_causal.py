@@ -147,23 +147,33 @@ def test_jit_vmap_over_batches_and_bandwidth():
                                    rtol=3e-5, atol=3e-6)
 
 
-def test_out_of_range_bins_under_jit_are_ignored():
+def test_bins_beyond_num_bins_give_nan_under_jit_and_negative_ids_are_left_out():
+    """One documented treatment of ids outside [0, num_bins): a negative id (the -1 of
+    alignax.data.bins for unmatched samples) equals where=False, eagerly and under jit; an id
+    >= num_bins raises eagerly (test_bad_input_raises) and makes the jitted result NaN instead
+    of silently dropping the sample."""
     rng = np.random.default_rng(6)
     x = rng.normal(size=N)
-    bad = BINS.copy()
-    bad[:3] = M + 2
-    np.testing.assert_allclose(_binned_u(x, bad, _ALL), _binned_u(x, BINS, np.arange(N) >= 3),
+    unmatched = BINS.copy()
+    unmatched[:3] = -1
+    sliced = _binned_u(x, BINS, np.arange(N) >= 3)
+    np.testing.assert_allclose(_binned_u(x, unmatched, _ALL), sliced, rtol=1e-6)
+    np.testing.assert_allclose(binned_mmd2(x, unmatched, num_bins=M, bandwidth=1.3), sliced,
                                rtol=1e-6)
+    beyond = BINS.copy()
+    beyond[:3] = M + 2
+    assert np.isnan(_binned_u(x, beyond, _ALL))
+    # ...unless the offending rows are masked out
+    np.testing.assert_allclose(_binned_u(x, beyond, np.arange(N) >= 3), sliced, rtol=1e-6)
 
 
 def test_bad_input_raises():
     x = np.zeros(N, np.float32)
     bad = BINS.copy()
     bad[7] = M
-    with pytest.raises(ValueError, match=r"bins out of range \[0, 6\): bins\[7\] = 6"):
+    with pytest.raises(ValueError, match=r"bins out of range: bins\[7\] = 6 >= num_bins = 6"):
         binned_mmd2(x, bad, num_bins=M, bandwidth=1.0)
-    with pytest.raises(ValueError, match=r"bins\[0\] = -1"):
-        binned_mmd2(x, np.full(N, -1, np.int32), num_bins=M, bandwidth=1.0)
+    assert float(binned_mmd2(x, np.full(N, -1, np.int32), num_bins=M, bandwidth=1.0)) == 0.0
     with pytest.raises(TypeError, match="integer"):
         binned_mmd2(x, BINS.astype(np.float32), num_bins=M, bandwidth=1.0)
     with pytest.raises(ValueError, match=r"features have 24 rows, bins \(23,\)"):
@@ -257,3 +267,65 @@ def test_causal_dpo_is_fdpo_plus_lambda_mmd_of_log_ratios(divergence, alpha):
 def test_bad_bandwidth_string():
     with pytest.raises(ValueError, match="'median'"):
         causal_reward_loss(CW, CL, BW, BL, lam=1.0, num_bins=3, bandwidth="mean")
+
+
+# ---------------------------------------------------------------- issue 16 reproductions
+@pytest.mark.parametrize("fill", [np.inf, -np.inf, np.nan, 3e38])
+def test_masked_rows_change_nothing_whatever_they_hold(fill):
+    """where= equals slicing, value and gradient, with inf / NaN / 3e38 in the masked rows, for
+    binned MMD and both causal losses, also with lam = 0 (was: every gradient NaN, and a NaN
+    row made binned_mmd2 NaN where slicing gives a number). Garbage and zeros in the masked
+    rows give bit-identical results; against the sliced batch the kernel sums only run in
+    another order (rtol 1e-5, as test_where_equals_slicing)."""
+    n_real = 9
+    where = np.arange(B) < n_real
+    clean_w, clean_l = np.where(where, CW, 0.0), np.where(where, CL, 0.0)
+    dirty_w = np.where(where, CW, np.float32(fill)).astype(np.float32)
+    dirty_l = np.where(where, CL, np.float32(fill)).astype(np.float32)
+    dirty_bins = np.where(where, BW, 7).astype(np.int32)  # even an out-of-range id
+    for lam in (0.0, 2.0):
+        def crm(w, l, mask, bins_w):
+            return causal_reward_loss(w, l, bins_w, BL[:len(w)], lam=lam, num_bins=3, where=mask)
+
+        def cdpo(w, l, mask, bins_w):
+            return causal_dpo_loss(w, l, bins_w, BL[:len(w)], beta=0.5, lam=lam, num_bins=3,
+                                   bandwidth=(0.5, 2.0), where=mask)
+
+        for fn in (crm, cdpo):
+            run = jax.jit(lambda *a, fn=fn: (fn(*a), jax.grad(lambda w, l: jnp.sum(fn(
+                w, l, *a[2:])), (0, 1))(*a[:2])))
+            dirty = run(dirty_w, dirty_l, where, dirty_bins)
+            clean = run(clean_w, clean_l, where, BW)
+            sliced = run(CW[:n_real], CL[:n_real], None, BW[:n_real])
+            for got, want in zip(jax.tree.leaves(dirty), jax.tree.leaves(clean)):
+                np.testing.assert_array_equal(got, want)
+            np.testing.assert_allclose(dirty[0][:n_real], sliced[0], rtol=1e-5)
+            assert np.all(np.asarray(dirty[0])[n_real:] == 0.0)
+            for g_masked, g_sliced in zip(dirty[1], sliced[1]):
+                np.testing.assert_allclose(g_masked[:n_real], g_sliced, rtol=1e-5, atol=1e-7)
+                assert np.all(np.asarray(g_masked)[n_real:] == 0.0)
+    x = np.where(np.arange(N) < 17, np.arange(N, dtype=np.float32) / 7, np.float32(fill))
+    where_n = np.arange(N) < 17
+    value, g = jax.jit(jax.value_and_grad(_binned_u))(x, BINS, where_n)
+    np.testing.assert_allclose(value, binned_ref(x[:17], BINS[:17], M, (1.3,), True), rtol=1e-5,
+                               atol=1e-6)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[17:] == 0.0)
+
+
+def test_batch_of_zero_pairs_with_the_median_bandwidth():
+    """B = 0 with bandwidth="median" (the default) raised a bare IndexError."""
+    z, zi = jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
+    assert causal_dpo_loss(z, z, zi, zi, beta=0.1, lam=1.0, num_bins=3).shape == (0,)
+    assert causal_reward_loss(z, z, zi, zi, lam=1.0, num_bins=3).shape == (0,)
+    assert float(binned_mmd2(z, zi, num_bins=3, bandwidth=1.0)) == 0.0
+
+
+def test_tiny_bandwidth_in_the_causal_losses():
+    """A bandwidth of 1e-19 (bandwidth^2 underflows) gave NaN: every sample is then its own
+    cluster, and the binned statistic is finite with zero gradient."""
+    out, g = jax.value_and_grad(lambda w: jnp.sum(causal_reward_loss(
+        w, CL, BW, BL, lam=1.0, num_bins=3, bandwidth=1e-19)))(CW)
+    assert np.isfinite(out) and np.all(np.isfinite(g))
+    bt = jax.grad(lambda w: jnp.sum(causal_reward_loss(w, CL, BW, BL, lam=0.0, num_bins=3,
+                                                       bandwidth=1.0)))(CW)
+    np.testing.assert_allclose(g, bt, rtol=1e-6)  # the MMD term is flat at that bandwidth

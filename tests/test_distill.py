@@ -241,3 +241,86 @@ def test_bad_inputs_raise_value_error():
         pessimistic_dpo_loss(v, v, beta=1.0, gamma=0.1, reference_h=jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match="gamma"):
         pessimistic_dpo_loss(v, v, beta=1.0, gamma=-0.1)
+
+
+# ---------------------------------------------------------------- issue 16 reproductions
+@pytest.mark.parametrize("divergence,alpha", [("forward_kl", None), ("alpha", 0.5),
+                                              ("reverse_kl", None), ("jsd", None)])
+def test_zero_loss_has_zero_gradient_at_any_h(divergence, alpha):
+    """h_1 = h_2 = -100 with zero rewards: loss 0, gradient 0 (forward KL / alpha gave NaN,
+    2 * 0 * e^100 in autodiff), in d-DPO and in the pessimistic distillation."""
+    h = jnp.array([-100.0, -3e38])
+    z = jnp.zeros(2)
+    kw = dict(beta=1.0, divergence=divergence, alpha=alpha)
+    g = jax.grad(lambda a: jnp.sum(distill_loss(a, h, z, z, **kw)))(h)
+    np.testing.assert_array_equal(g, [0.0, 0.0])
+    g = jax.grad(lambda a: pessimistic_distill_loss(a, h, z[None], z[None], gamma=0.0, **kw)[0])(h)
+    np.testing.assert_array_equal(g, [0.0, 0.0])
+
+
+def test_extreme_finite_inputs_give_inf_not_nan():
+    """distill_loss([1e38], [-3e38], [3e38], [-3e38], beta=1): r_1 - r_2 and h_1 - h_2 both
+    overflow; the residual 2e38 does not, its square does: inf (was NaN, inf - inf). The
+    gradient 2 residual (-beta) = -4e38 overflows too; d/dr_1 = 4e38 likewise."""
+    args = [jnp.array([v]) for v in (1e38, -3e38, 3e38, -3e38)]
+    value, grads = jax.value_and_grad(lambda *a: jnp.sum(distill_loss(*a, beta=1.0)),
+                                      (0, 1, 2, 3))(*args)
+    assert float(value) == np.inf
+    np.testing.assert_array_equal(np.concatenate(grads), [-np.inf, np.inf, np.inf, -np.inf])
+    # beta = 0.1: residual 6e38 - 4e37 ... the gradient 2 * 5.6e38 * 0.1 = 1.12e38 is finite
+    g = jax.grad(lambda a: jnp.sum(distill_loss(a, args[1], args[2], args[3], beta=0.1)))(args[0])
+    np.testing.assert_allclose(g, [-2 * 0.1 * (6e38 - 0.1 * 4e38)], rtol=1e-6)
+
+
+def test_pessimistic_dpo_penalty_of_two_float32_maxima_under_jit():
+    """-(h_w + h_l)/2 at h_w = h_l = 3e38 is -3e38; formed as 0.5 h_w + 0.5 h_l, XLA rewrote it
+    as 0.5 (h_w + h_l) = -inf under jit, so gamma = 0 gave NaN (0 * inf) and gamma = 0.1 gave
+    -inf instead of log 2 - 3e37 (found by test_pessimistic_dpo_matches_mpmath)."""
+    h = jnp.array([0.0, 0.0, 3e38])
+    for gamma, want in ((0.0, np.log(2.0)), (0.1, np.log(2.0) - 0.1 * 3e38)):
+        for where in (None, jnp.array([True, False, True])):
+            run = jax.jit(jax.value_and_grad(lambda a, b: jnp.sum(pessimistic_dpo_loss(
+                a, b, beta=1e-3, gamma=gamma, where=where)[2:]), (0, 1)))
+            value, grads = run(h, h)
+            np.testing.assert_allclose(value, want, rtol=1e-6)
+            # the tie's DPO gradient is -/+ beta/2; the penalty adds -gamma/2 to each
+            np.testing.assert_allclose(np.stack(grads)[:, 2], [-5e-4 - gamma / 2,
+                                                               5e-4 - gamma / 2], rtol=1e-6)
+
+
+def test_pessimistic_terms_beyond_float32_of_opposite_sign_give_their_true_sign():
+    """distill (beyond float32) + gamma * forward KL (below -float32 max): inf - inf was NaN;
+    the sum is formed at a smaller scale instead. Likewise p-DPO. Gradients are never NaN."""
+    h, big = jnp.array([3e38]), jnp.array([[3e38]])
+    loss, aux = pessimistic_distill_loss(h, h, big, -big, beta=1.0, gamma=10.0)
+    assert float(aux["distill"]) == np.inf and aux["forward_kl"] == np.float32(-3e38)
+    assert float(loss) == np.inf  # 3.6e77 - 3e39
+    # p-DPO: dpo = 4e38 (beyond), gamma * penalty = -1e39 -> the sum -6e38 is beyond, negative
+    h_w, h_l = jnp.array([-1e38]), jnp.array([3e38])
+    assert float(pessimistic_dpo_loss(h_w, h_l, beta=1.0, gamma=10.0)[0]) == -np.inf
+    assert float(pessimistic_dpo_loss(h_w, h_l, beta=10.0, gamma=10.0)[0]) == np.inf
+    g = jax.grad(lambda a: pessimistic_dpo_loss(a, h_l, beta=1.0, gamma=10.0).sum())(h_w)
+    np.testing.assert_allclose(g, [-1.0 - 5.0], rtol=1e-6)
+
+
+def test_argmin_member_among_members_beyond_float32():
+    """Two members whose batch losses both exceed float32 (1.2e77 and 3e76): the arg-min is
+    decided on their logarithms, and the gradient is the smaller member's alone (through a
+    plain min, the other member's infinite derivative times a 0 cotangent gave NaN)."""
+    z = jnp.zeros(3)
+    r_1 = jnp.array([[0.0, 0.0, -3e38], [0.0, 0.0, 3e38]])
+    r_2 = jnp.array([[0.0, 0.0, 3e38], [0.0, 0.0, 0.0]])
+    (loss, aux), g = jax.value_and_grad(
+        lambda a: pessimistic_distill_loss(a, z, r_1, r_2, beta=1.0, gamma=0.0), has_aux=True)(z)
+    assert int(aux["member"]) == 1 and float(loss) == np.inf
+    np.testing.assert_allclose(g, [0.0, 0.0, -2 * 3e38 / 3], rtol=1e-6)  # 2 w residual (-beta)
+
+
+def test_forward_kl_estimate_at_the_largest_float32_is_finite():
+    """mean(-h) of h = float32 max is -float32 max; summing the terms / 6 rounded past it to
+    -inf, and gamma = 0 times -inf was NaN."""
+    h = jnp.full((3,), np.finfo(np.float32).max)
+    assert float(forward_kl_estimate(jnp.stack([h, h]))) == -np.finfo(np.float32).max
+    loss, _ = pessimistic_distill_loss(h, h, jnp.zeros((1, 3)), jnp.zeros((1, 3)), beta=1e-3,
+                                       gamma=0.0, divergence="alpha", alpha=0.3)
+    assert float(loss) == 0.0

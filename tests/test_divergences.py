@@ -257,3 +257,49 @@ def test_conjugates_pair_up_within_table_2_1():
         get_divergence("chi_squared", admissible_only=False).conjugate()
     with pytest.raises(ValueError, match="sampled_from"):
         f_divergence_estimator("jsd", jnp.zeros(3), sampled_from="pi")
+
+
+F_H = np.concatenate([ESTIMATOR_H, [89.3, 89.5, -89.0, -100.0]]).astype(np.float32)
+F_CASES = ALL_CASES + [("alpha", 1e-3), ("alpha", 0.999)]
+
+
+def mp_f(name, alpha, h):
+    """f(e^h) and its derivative in h, e^h f'(e^h), in 60-digit arithmetic (Table 2.1)."""
+    with mpmath.workdps(60):
+        u = mpmath.exp(mpmath.mpf(float(h)))
+        a = None if alpha is None else mpmath.mpf(alpha)
+        f, fp = {
+            "reverse_kl": (u * mpmath.log(u), lambda: mpmath.log(u) + 1),
+            "forward_kl": (-mpmath.log(u), lambda: -1 / u),
+            "jsd": (u * mpmath.log(u) - (u + 1) * mpmath.log((u + 1) / 2),
+                    lambda: mpmath.log(2 * u / (1 + u))),
+            "alpha": (None if a is None else (u ** (1 - a) - (1 - a) * u - a) / (a * (a - 1)),
+                      lambda: (1 - u ** (-a)) / a),
+            "total_variation": (abs(u - 1) / 2, lambda: mpmath.sign(u - 1) / 2),
+            "chi_squared": ((u - 1) ** 2, lambda: 2 * (u - 1)),
+        }[name]
+        return float(f), float(u * fp())
+
+
+@pytest.mark.parametrize("name,alpha", F_CASES)
+def test_f_is_finite_wherever_the_true_value_is(name, alpha):
+    """f and d f(e^h)/dh over the whole float32 range against 60 digits: no NaN (alpha gave
+    inf - inf = NaN for h > 88.7), inf exactly where the true value exceeds float32 (JSD was inf
+    on 88.7 < h < 89.1, total variation on 88.7 < h < 89.4, where the true values are finite)."""
+    div = get_divergence(name, alpha=alpha, admissible_only=False)
+    values = np.asarray(jax.jit(div.f)(F_H), np.float64)
+    slopes = np.asarray(jax.jit(jax.vmap(jax.grad(div.f)))(F_H), np.float64)
+    want = np.array([mp_f(name, alpha, h) for h in F_H])
+    want_value = np.array([_to_float32_or_inf(v) for v in want[:, 0]])
+    want_slope = np.array([_to_float32_or_inf(v) for v in want[:, 1]])
+    assert not np.isnan(values).any() and not np.isnan(slopes).any()
+    # Accuracy where the overflow-safe forms act (|h| >= 80; smaller |h| is covered by
+    # test_f_matches_table): a few ulps times exp's condition number at its argument (~|h|).
+    # Slopes below 1e-36 may flush to 0 (alpha's e^((1-a) h) at h = -89 is subnormal).
+    rtol = 8 * np.finfo(np.float32).eps * (1 + np.abs(F_H.astype(np.float64)))
+    for got, exact, atol in ((values, want_value, np.finfo(np.float32).tiny),
+                             (slopes, want_slope, 1e-36)):
+        np.testing.assert_array_equal(got[~np.isfinite(exact)], exact[~np.isfinite(exact)])
+        check = np.isfinite(exact) & (np.abs(F_H) >= 80)
+        err = np.abs(got[check] - exact[check])
+        assert (err <= rtol[check] * np.abs(exact[check]) + atol).all(), F_H[check]

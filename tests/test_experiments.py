@@ -60,3 +60,16 @@ def test_default_experiment_runs_end_to_end(tmp_path):
     # started again with the same flags, everything is restored or skipped, not retrained
     again = fdpo_sentiment.main(["--run_dir", str(run), "--divergences", "reverse_kl", *SMALL])
     assert again.splitlines()[3] == table.splitlines()[3]
+
+
+def test_lora_flags_train_adapters_against_the_base(tmp_path):
+    with pytest.raises(ValueError, match="--lora_alpha needs --lora_rank"):
+        fdpo_sentiment.main(["--lora_alpha", "8", *SMALL])
+    run = tmp_path / "run"
+    fdpo_sentiment.main(["--run_dir", str(run), "--divergences", "reverse_kl", "--lora_rank",
+                         "4", "--lora_alpha", "8", "--export", "True", *SMALL])
+    records = json.loads((run / "summary.json").read_text())["results"]["reverse_kl"]
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # step 0: fresh adapters, B = 0
+    assert all(np.isfinite(r["kl"]) and np.isfinite(r["oracle_reward"]) for r in records)
+    assert (run / "reverse_kl" / "hf" / "model.safetensors").exists()  # merged weights
+    assert (run / "reverse_kl" / "hf" / "adapter" / "adapter_config.json").exists()

@@ -201,3 +201,43 @@ def test_nll_mean_over_response_tokens_and_empty_mask():
     g = jax.grad(lambda x: nll_loss(x, mask).sum())(logps)
     np.testing.assert_allclose(g, [[-0.5, -0.5, 0.0], [0.0, 0.0, 0.0]])
     assert nll_loss(logps.astype(jnp.bfloat16), mask).dtype == jnp.float32
+
+
+# ----------------------------------------------------------------- issue 16 reproductions
+def test_forward_kl_loss_is_finite_wherever_its_true_value_is():
+    """beta (e^89 - e^39.28) = 4.49e35 although e^89 alone exceeds float32 (was inf)."""
+    loss = fdpo_loss(jnp.array([-89.0]), jnp.array([-39.28]), beta=1e-3, divergence="forward_kl")
+    h_l = np.float64(np.float32(-39.28))
+    want = 1e-3 * (np.exp(89.0) - np.exp(-h_l))  # beta (f'(u_l) - f'(u_w)), float64
+    np.testing.assert_allclose(loss, [want], rtol=8 * 89 * 2.0**-24)  # exp's condition: |h| eps
+
+
+def test_forward_kl_and_alpha_gradients_overflow_exactly_where_the_true_ones_do():
+    """At a tie h_w = h_l = h (loss log 2) the true derivative is -/+ beta e^(-c h) / 2. It is
+    finite (and returned to float32 accuracy) down to the h where it exceeds float32 max,
+    h* = -(log(2 max) - log beta) / c, and +/-inf beyond; never NaN."""
+    f32_max = float(np.finfo(np.float32).max)
+    for divergence, alpha, c in (("forward_kl", None, 1.0), ("alpha", 0.5, 0.5)):
+        for beta in (1.0, 1e-3):
+            boundary = -(np.log(2 * f32_max) - np.log(beta)) / c
+            for h in (boundary + 0.2, boundary - 0.2, -1e4):
+                h32 = np.float32(h)
+                grads = jax.grad(lambda a, b: fdpo_loss(a, b, beta=beta, divergence=divergence,
+                                                        alpha=alpha).sum(), (0, 1))(
+                    jnp.array([h32]), jnp.array([h32]))
+                with np.errstate(over="ignore"):
+                    true = beta * np.exp(-c * np.float64(h32)) / 2
+                if true > f32_max:
+                    assert float(grads[0][0]) == -np.inf and float(grads[1][0]) == np.inf
+                else:  # e^(-c h) at a float32-rounded exponent: c |h| eps relative
+                    rtol = 8 * (1 + c * abs(h)) * 2.0**-24
+                    np.testing.assert_allclose([grads[0][0], grads[1][0]], [-true, true],
+                                               rtol=rtol)
+
+
+def test_reverse_kl_is_finite_where_h_w_minus_h_l_overflows():
+    """beta (h_w - h_l) = 0.1 * 6e38 = 6e37 is a float32 number although 6e38 is not (was inf)."""
+    loss = fdpo_loss(jnp.array([-3e38]), jnp.array([3e38]), beta=0.1)
+    np.testing.assert_allclose(loss, [0.1 * 6e38], rtol=1e-6)
+    g = jax.grad(lambda a: fdpo_loss(a, jnp.array([3e38]), beta=0.1).sum())(jnp.array([-3e38]))
+    np.testing.assert_allclose(g, [-0.1], rtol=1e-6)

@@ -137,3 +137,42 @@ def test_bad_shapes_raise():
         mmd2(jnp.zeros(1), jnp.zeros(3), bandwidth=1.0)
     with pytest.raises(ValueError, match=r"\[N\] or \[N, D\]"):
         mmd2(jnp.zeros((2, 2, 2)), jnp.zeros(3), bandwidth=1.0)
+
+
+# ---------------------------------------------------------------- issue 16 reproductions
+def test_tiny_bandwidth_gives_the_limit_kernel_not_nan():
+    """bandwidth 1e-19: bandwidth^2 underflows float32, and 0/0 on the diagonal gave NaN. The
+    kernel is now the identity on distinct points (e^-(huge) = 0, e^0 = 1)."""
+    x = jnp.array([0.0, 1.0, 2.0])
+    for width in (1e-19, 1e-30, 1e-39):  # the last one a subnormal: read as the smallest normal
+        k = gaussian_kernel(x, x, bandwidth=width)
+        np.testing.assert_array_equal(k, np.eye(3))
+        v, g = jax.value_and_grad(lambda a: mmd2(a, x[:2] + 0.5, bandwidth=width,
+                                                 unbiased=False))(x)
+        assert float(v) == pytest.approx(mmd2_brute(x, x[:2] + 0.5, [1e-19], False))
+        assert np.all(np.asarray(g) == 0.0)
+
+
+def test_wide_features_far_from_the_origin_keep_a_unit_diagonal():
+    """D > 8 takes the Gram path |a|^2 + |b|^2 - 2 a.b; at |x| ~ 1e4 its cancellation made the
+    diagonal 1.6e-28 instead of 1, and biased mmd2 1.25 instead of the exact 1.5 (one x point,
+    two y points, all far apart: mean k_xx + mean k_yy - 2 mean k_xy = 1 + 1/2 - 0)."""
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.normal(size=(1, 16))).astype(np.float32)
+    y = (-1e4 + 50 * rng.normal(size=(2, 16))).astype(np.float32)
+    for a in (x, y):
+        np.testing.assert_array_equal(np.diag(jax.jit(lambda a: gaussian_kernel(
+            a, a, bandwidth=1.0))(a)), 1.0)
+    assert float(jax.jit(lambda a, b: mmd2(a, b, bandwidth=1.0, unbiased=False))(x, y)) == 1.5
+    # centred on their mean, nearby wide points are as accurate as narrow ones
+    near = (1e4 + 0.3 * rng.normal(size=(5, 16))).astype(np.float32)
+    got = jax.jit(lambda a: gaussian_kernel(a, a, bandwidth=1.0))(near)
+    d2 = ((near.astype(np.float64)[:, None] - near[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(got, np.exp(-d2 / 2), rtol=1e-4)
+
+
+def test_median_heuristic_without_any_pair_is_one():
+    """B = 0 (and one sample) raised a bare IndexError; the documented fallback is 1."""
+    for n in (0, 1):
+        assert float(median_heuristic_bandwidth(jnp.zeros((n,)))) == 1.0
+        assert float(median_heuristic_bandwidth(jnp.zeros((n, 3)))) == 1.0

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import numerics_reference as ref
 from alignax.objectives import fdpo_loss, group_nll_loss, ipo_loss, mdpo_loss, mipo_loss
 from alignax.objectives import mipo_loss_with_metrics
 
@@ -221,7 +222,8 @@ def test_empty_group_gives_zero_loss_and_gradient():
             assert loss[0] == 0.0 and loss[4] == 0.0
             gw, gl = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(hw, hl)
             assert np.all(np.asarray(gw)[[0, 4]] == 0) and np.all(np.asarray(gl)[[0, 4]] == 0)
-    _, metrics = mipo_loss_with_metrics(hw, hl, tau=0.4, chosen_mask=mw, rejected_mask=ml)
+    _, metrics = jax.jit(lambda a, b: mipo_loss_with_metrics(a, b, tau=0.4, chosen_mask=mw,
+                                                             rejected_mask=ml))(hw, hl)
     assert int(metrics["num_empty_examples"]) == 2
     # row 2 has a single chosen member (see _data); rows 0 and 4 are empty and not counted
     singles = sum(int(m.sum() == 1) for i, row in enumerate(zip(mw, ml)) if i not in (0, 4)
@@ -262,18 +264,28 @@ def test_gradients_match_float64_finite_differences(div):
 @given(st.sampled_from([80.0, -80.0, 200.0, -200.0, 1e4, -1e4, 1e30, -1e30]),
        st.integers(0, 2**16))
 def test_no_nan_at_extreme_log_ratios(magnitude, seed):
+    """Never NaN; and the gradient is +/-inf exactly where its true (60-digit) value exceeds
+    float32, e.g. mIPO forward KL at h = -80 in every chosen member: d/dh ~ e^160 / 3 (the
+    old test exempted forward KL / alpha beyond |a h| = 80 instead)."""
     rng = np.random.default_rng(seed)
     hw = (magnitude * rng.choice([-1.0, 0.5, 1.0], (B, K))).astype(np.float32)
     hl = (magnitude * rng.choice([-1.0, 0.25, 1.0], (B, L))).astype(np.float32)
     _, _, mw, ml = _data(seed)
-    for (div, alpha), fn in [(k, f) for k, f in _MDPO.items()] + [(k[0], f) for k, f in _MIPO.items()]:
+    fns = [(k, "mdpo", f) for k, f in _MDPO.items()] + [(k[0], k[1], f) for k, f in _MIPO.items()]
+    for (div, alpha), family, fn in fns:
         loss = np.asarray(fn(hw, hl, mw, ml))
-        assert not np.any(np.isnan(loss))
-        if div in ("forward_kl", "alpha") and (alpha or 1.0) * abs(magnitude) > 80:
-            continue  # u^-a overflows float32, and with it the true gradient (f'' ~ u^-a)
         gw, gl = jax.grad(lambda a, b: jnp.sum(fn(a, b, mw, ml)), argnums=(0, 1))(hw, hl)
-        finite = np.isfinite(loss)
-        assert np.all(np.isfinite(np.asarray(gw)[finite])) and np.all(np.isfinite(np.asarray(gl)[finite]))
+        assert not np.isnan(loss).any() and not np.isnan(gw).any() and not np.isnan(gl).any()
+        a32 = None if alpha is None else np.float32(alpha)
+        for i in range(B if abs(magnitude) <= 200 else 0):  # beyond: e^(|h|) digits, and the
+            w, l = hw[i][mw[i]], hl[i][ml[i]]               # gradients undetermined in float32
+            try:
+                want = (ref.group_dpo(div, a32, np.float32(0.7), w, l) if family == "mdpo"
+                        else ref.mipo(div, a32, np.float32(0.4), family, w, l))
+            except ValueError:  # |h| = 1e30 under forward KL / alpha: beyond the reference
+                continue
+            grads = np.concatenate([np.asarray(gw)[i][mw[i]], np.asarray(gl)[i][ml[i]]])
+            ref.assert_close(grads, want[1] + want[2], want[4] + want[5], 8, (div, family))
 
 
 def test_bf16_inputs_are_computed_in_float32():
@@ -310,3 +322,70 @@ def test_group_nll_composes():
     np.testing.assert_allclose(g_h, g_h_alone, rtol=1e-6)
     assert np.all(np.asarray(g_lp)[~mw] == 0.0) and np.all(np.isfinite(g_lp))
     assert math.isclose(float(jnp.sum(nll(logps, tok_mask, np.zeros((B, K), bool)))), 0.0)
+
+
+# ---------------------------------------------------------------- issue 16 reproductions
+def test_forward_kl_empty_group_has_zero_gradient_at_any_h():
+    """An example whose rejected group is empty gives 0 with no gradient, also where e^(-a h)
+    of the other group overflows (was NaN at h <= -89, and at h <= -667 for alpha = 0.5)."""
+    for divergence, alpha, h in (("forward_kl", None, -100.0), ("alpha", 0.5, -667.0),
+                                 ("forward_kl", None, -3e38)):
+        def loss(hw, hl):
+            return jnp.sum(mdpo_loss(hw, hl, beta=1.0, chosen_mask=jnp.array([[True]]),
+                                     rejected_mask=jnp.array([[False]]), divergence=divergence,
+                                     alpha=alpha))
+        value, grads = jax.jit(jax.value_and_grad(loss, (0, 1)))(jnp.array([[h]]),
+                                                                 jnp.array([[0.0]]))
+        assert float(value) == 0.0 and float(grads[0][0, 0]) == 0.0 and float(grads[1][0, 0]) == 0
+
+
+def test_forward_kl_gradient_is_finite_next_to_an_overflowing_member():
+    """hw = [-1e4, 0], hl = [0]: the loss overflows (inf, its true value), d/dh_w,1 = -inf
+    (true), and d/dh_w,2 = -(1/2) sigmoid(-z) e^0 = -0.5 (was NaN)."""
+    def loss(hw, hl):
+        return jnp.sum(mdpo_loss(hw, hl, beta=1.0, divergence="forward_kl"))
+    value, (g_w, g_l) = jax.jit(jax.value_and_grad(loss, (0, 1)))(jnp.array([[-1e4, 0.0]]),
+                                                                  jnp.array([[0.0]]))
+    assert float(value) == np.inf
+    np.testing.assert_array_equal(g_w, [[-np.inf, -0.5]])
+    np.testing.assert_array_equal(g_l, [[1.0]])
+
+
+def test_forward_kl_mipo_overflows_to_inf_instead_of_cancelling_to_zero():
+    """mipo([[0, 0]], [[-1e4, -89]], tau=1, forward KL): the U-statistic holds the product
+    e^1e4 e^89 of two distinct rejected members, far beyond float32: inf (was 0 with NaN
+    gradients, D^2 and the variance cancelling). And at [[-80, 0]] the true value -2.77e34 is
+    a float32 number (was 0)."""
+    def loss(hw, hl):
+        return jnp.sum(mipo_loss(hw, hl, tau=1.0, divergence="forward_kl"))
+    run = jax.jit(jax.value_and_grad(loss, (0, 1)))
+    value, (g_w, g_l) = run(jnp.array([[0.0, 0.0]]), jnp.array([[-1e4, -89.0]]))
+    assert float(value) == np.inf
+    want = ref.mipo("forward_kl", None, np.float32(1.0), True, [0.0, 0.0], [-1e4, -89.0])
+    ref.assert_close(np.concatenate([g_w[0], g_l[0]]), want[1] + want[2], want[4] + want[5], 8)
+    want = ref.mipo("forward_kl", None, np.float32(1.0), True, [0.0, 0.0], [-80.0, 0.0])
+    value = run(jnp.array([[0.0, 0.0]]), jnp.array([[-80.0, 0.0]]))[0]
+    ref.assert_close(value, want[0], want[3], 8)
+    assert want[0] == pytest.approx(-2.7703112e34, rel=1e-6)
+
+
+def test_alpha_near_zero_is_accurate_and_tends_to_reverse_kl():
+    """alpha = 1e-5 / 1e-7 gave 0.135186 / 0.25 for mIPO where the exact value (and the
+    reverse-KL limit) is 0.145000: now within float32 rounding of the exact value, and mDPO at
+    alpha = 1e-7 within the rounding of its inputs (values and gradients, 60-digit reference)."""
+    hw, hl = np.float32([[0.0, -0.5, 0.25]]), np.float32([[-0.3, 0.1]])
+    mipo = jax.jit(lambda a, b, alpha: mipo_loss(a, b, tau=1.0, divergence="alpha", alpha=alpha))
+    mdpo = jax.jit(jax.value_and_grad(lambda a, b, beta, alpha: jnp.sum(
+        mdpo_loss(a, b, beta=beta, divergence="alpha", alpha=alpha)), (0, 1)))
+    for alpha in (1e-5, 1e-7):
+        a32 = np.float32(alpha)
+        got = mipo(hw, hl, a32)
+        want = ref.mipo("alpha", a32, np.float32(1.0), True, hw[0], hl[0])
+        ref.assert_close(got, want[0], want[3], 8)
+        assert abs(float(got[0]) - 0.145) < 1e-5  # the reverse-KL limit, O(alpha) away
+        for scale, beta in ((1.0, 1.0), (100.0, 30.0), (-100.0, 30.0)):
+            value, (g_w, g_l) = mdpo(hw * scale, hl * scale, np.float32(beta), a32)
+            want = ref.group_dpo("alpha", a32, np.float32(beta), hw[0] * scale, hl[0] * scale)
+            ref.assert_close(value, want[0], want[3], 8)
+            ref.assert_close(np.concatenate([g_w[0], g_l[0]]), want[1] + want[2],
+                             want[4] + want[5], 8)

@@ -5,6 +5,8 @@ Monte Carlo assertions use fixed seeds and 5-sigma bands, so they test the theor
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,36 @@ def test_remark_1_ties_break_monotonicity_of_the_strict_win():
     assert (p2, t2) == pytest.approx((0.36, 0.48))  # down: half of the mass now ties
     assert (p3, t3) == pytest.approx((0.648, 0.0))
     assert p2 + t2 / 2 == pytest.approx(p1)  # counting ties as 1/2 removes the dip here
+
+
+def test_unbiased_mipo_is_unbounded_below_on_a_fixed_data_set():
+    """Issue 14: the unbiased estimator (Prop. 1) is unbounded below on a fixed data set when
+    the policy can fit individual responses. Spreading a group's members (h_1, h_2) = (m + s,
+    m - s) leaves the mean difference alone and subtracts var/K = s^2: the loss is
+    (m - c)^2 - s^2 exactly, while the plain (biased) estimator stays (m - c)^2 >= 0. Gradient
+    descent on a 10-arm policy (one logit per response, uniform reference) follows it down."""
+    spreads = jnp.array([0.0, 1.0, 10.0, 100.0])
+    chosen = jnp.stack([0.3 + spreads, 0.3 - spreads], -1)  # [4, 2]
+    unbiased, biased = _both(chosen, jnp.zeros((4, 2)), jnp.ones((4, 2), bool),
+                             jnp.ones((4, 2), bool))
+    h = np.asarray(chosen, np.float64)  # the float32 inputs exactly
+    d, s2 = h.mean(-1) - C, h.var(-1, ddof=1) / 2
+    np.testing.assert_allclose(unbiased, d ** 2 - s2, rtol=1e-6)
+    np.testing.assert_allclose(biased, d ** 2, rtol=1e-6)
+    assert float(unbiased[-1]) < -9999.0
+
+    arms_w, arms_l = np.array([[0, 1], [2, 3], [4, 5]]), np.array([[6, 7], [8, 9], [0, 9]])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def descend(unbiased_flag):
+        def loss(logits):
+            h = jax.nn.log_softmax(logits) + jnp.log(10.0)  # log pi - log pi_ref, uniform ref
+            return jnp.mean(mipo_loss(h[arms_w], h[arms_l], tau=0.5 / C, unbiased=unbiased_flag))
+
+        def step(logits, _):
+            return logits - 0.5 * jax.grad(loss)(logits), loss(logits)
+        return jax.lax.scan(step, jnp.zeros(10), None, length=40)[1]
+
+    path = descend(True)  # gradient descent, step 0.5: no bound is ever reached
+    assert bool(jnp.all(jnp.diff(path) < 0)) and float(path[-1]) < -1e3, path
+    assert float(jnp.min(descend(False))) >= 0.0

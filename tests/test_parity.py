@@ -33,6 +33,7 @@ from tiny_training import GRADIENT_RTOL, relative_errors, sgd_recording_gradient
 from alignax.data import TokenizedExample
 from alignax.data.batching import collate
 from alignax.models import create, create_reward_model, state_shardings, tiny_config
+from alignax.models.lora import LoRAConfig, add_lora
 from alignax.objectives import (DPO, FDPO, IPO, MDPO, MIPO, OBJECTIVES, SFT, BradleyTerry,
                                 CausalDPO, CausalReward, Distill, Needs, Objective,
                                 PessimisticDistill, PessimisticDPO)
@@ -248,3 +249,34 @@ def test_accumulation_splits_the_batch_axis_not_the_ensemble(kind):
     # groups: e-DPO (E = 3)
     assert checked == {"lm": ["causal_dpo"] * 4 + ["pessimistic_distill"] * 2,
                        "groups": ["pessimistic_distill"]}[kind], checked
+
+
+@functools.cache
+def lora_run(shape: tuple[int, int, int]):
+    """(loss, gradient) of one DPO step of a LoRA model (adapters on q, v, down with B != 0,
+    placed on the mesh by their kernels' partition rules; the reference is the base model,
+    adapters off) on a mesh of `shape`."""
+    mesh = make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    model = create(CONFIG, rngs=nnx.Rngs(0), mesh=mesh)
+    add_lora(model, LoRAConfig(rank=4, alpha=8, targets=("q", "v", "down")), rngs=nnx.Rngs(1),
+             mesh=mesh)
+    graphdef, params, rest = split_model(model)
+    params = jax.tree.map(  # B = 0 would zero the gradient of A: redraw B, same on every mesh
+        lambda x: jax.device_put(np.random.default_rng(x.size).normal(
+            0, 0.3 / np.sqrt(x.shape[-2]), x.shape).astype(np.float32), x.sharding), params)
+    optimizer = sgd_recording_gradients(0.5)
+    state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
+    step = make_train_step(graphdef, DPO(beta=0.5), optimizer, optax.constant_schedule(0.5),
+                           mesh=mesh, state_shardings=shardings, model_state=rest, config=STEP,
+                           reference="base")
+    state, metrics = step(state, global_batch(batch_for("lm"), mesh))
+    assert metrics["update_applied"] == 1
+    return float(metrics["loss"]), jax.device_get(state.opt_state)
+
+
+def test_sharded_lora_step_matches_one_device():
+    (loss, grads), (want_loss, want_grads) = lora_run((2, 2, 2)), lora_run((1, 1, 1))
+    assert abs(loss - want_loss) <= GRADIENT_RTOL * max(abs(want_loss), 1.0)
+    errors = relative_errors(grads, want_grads)
+    assert max(errors.values()) <= GRADIENT_RTOL, errors
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(want_grads))  # A and B both move

@@ -147,12 +147,33 @@ def add_lora(model: CausalLM | RewardModel | RewardEnsemble, config: LoRAConfig,
     return model
 
 
+def default_targets(model: CausalLM | RewardModel | RewardEnsemble) -> tuple[str, ...]:
+    """Every projection the model's family can adapt, and "score" for a reward model."""
+    if isinstance(model, RewardEnsemble):
+        return default_targets(model.members)
+    if isinstance(model, RewardModel):
+        return (*family_module(model.backbone.config).LORA_TARGETS, "score")
+    if isinstance(model, CausalLM):
+        return tuple(family_module(model.config).LORA_TARGETS)
+    raise TypeError(f"LoRA adapts a CausalLM, RewardModel or RewardEnsemble, got "
+                    f"{type(model).__name__}")
+
+
+def without_adapters(model: CausalLM | RewardModel | RewardEnsemble):
+    """A copy of `model` without its adapters: the base model (the arrays are shared, not
+    copied), for code that takes a plain model, e.g. sampling's reference log-probs."""
+    model = nnx.clone(model)
+    for _, dense in adapted_projections(model):
+        dense.lora = None
+    return model
+
+
 def merge(model: CausalLM | RewardModel | RewardEnsemble):
     """A copy of `model` with each adapter folded into its kernel, W + (alpha/r) A B (computed
     in float32, stored in W's dtype), and no adapters: `save_pretrained` /
     `save_reward_model` write it as plain HF weights."""
     model = nnx.clone(model)
-    for _, dense in _adapted(model):
+    for _, dense in adapted_projections(model):
         lora, kernel = dense.lora, dense.kernel[...]
         delta = jnp.matmul(lora.lora_a[...].astype(jnp.float32),
                            lora.lora_b[...].astype(jnp.float32),
@@ -314,8 +335,8 @@ def _target_modules(model, targets: Sequence[str]) -> list[tuple[str, Dense]]:
     return out
 
 
-def _adapted(model: nnx.Module) -> list[tuple[tuple, Dense]]:
-    """(path, Dense) of every projection holding an adapter."""
+def adapted_projections(model: nnx.Module) -> list[tuple[tuple, Dense]]:
+    """(path, Dense) of every projection of `model` holding an adapter (`Dense.lora`)."""
     return [(path, node) for path, node in nnx.iter_graph(model)
             if isinstance(node, Dense) and node.lora is not None]
 

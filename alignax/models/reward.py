@@ -269,12 +269,17 @@ class RewardEnsemble(nnx.Module):
                 jax.vmap(lambda m: jax.random.fold_in(dropout_key, m))(
                     jnp.arange(self.num_members)))  # [M] keys
 
-        @nnx.vmap(in_axes=(0, None, None, None, None if keys is None else 0), out_axes=0)
-        def forward(member, input_ids, attention_mask, positions, key):
+        # jax.vmap over the split state, not nnx.vmap over the module: under LoRA training
+        # the adapters are traced by the gradient and the frozen base is not, a mix of trace
+        # levels nnx.vmap refuses.
+        graphdef, state = nnx.split(self.members)
+
+        def forward(state, key):
+            member = nnx.merge(graphdef, state)
             return member(input_ids, attention_mask, positions, remat=remat, adapters=adapters,
                           dropout_key=key)
 
-        return forward(self.members, input_ids, attention_mask, positions, keys)
+        return jax.vmap(forward, in_axes=(0, None if keys is None else 0))(state, keys)
 
     def member(self, i: int) -> RewardModel:
         """Member i as a standalone RewardModel (a copy of its parameters)."""

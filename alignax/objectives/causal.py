@@ -15,7 +15,7 @@ The thesis writes the regulariser as a double sum over m, m' in [M] (§4.5.1, eq
 literally it runs over ordered pairs, so every unordered pair {m, m'} is counted twice (the
 m = m' terms are MMD(P, P) = 0 in population). `binned_mmd2` returns, per `reduction`:
 
-  "sum"        sum over unordered pairs m < m' of MMD^2(P_m, P_m')       (DESIGN.md contract)
+  "sum"        sum over unordered pairs m < m' of MMD^2(P_m, P_m')       (the default)
   "double_sum" twice that: the thesis' ordered double sum, literally
   "mean"       the "sum" value divided by the number of contributing pairs
 
@@ -36,7 +36,8 @@ from alignax.objectives.fdpo import fdpo_loss
 from alignax.objectives.reward import bradley_terry_loss
 
 _REDUCTIONS = ("sum", "mean", "double_sum")
-_DIRECT_DIFF_MAX_DIM = 8  # below this width, pairwise distances come from explicit differences
+_DIRECT_DIFF_MAX_DIM = 8  # up to this width, pairwise distances come from explicit differences
+_KERNEL_REACH = 15.0  # a coordinate gap beyond 15 bandwidths gives e^-112.5: 0 in float32
 
 
 def _as_features(name: str, x) -> jax.Array:
@@ -64,19 +65,71 @@ def _bandwidths(bandwidth) -> tuple:
     return widths
 
 
-def _squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
-    """[N, D], [M, D] -> [N, M] squared Euclidean distances, >= 0."""
+def _half_squared_distances(x: jax.Array, y: jax.Array, width, *, same: bool, limit: float,
+                            valid: jax.Array | None = None):
+    """(q, far): q = |x_n - y_m|^2 / (2 width^2) [N, M] in bandwidth units, and the [N, M] mask
+    `far` (no gradient) of pairs left out, where q reads 0 and has zero derivative.
+
+    A pair is far when some |x_d - y_d| / width exceeds `limit` (or overflows float32), so q
+    never holds inf and its derivative never meets 0 * inf. Up to 8 features, differences are
+    taken directly ([N, M, D], exact: the diagonal of x against itself is exactly 0). Wider
+    (latent) features use |a|^2 + |b|^2 - 2 a.b, which needs no [N, M, D] temporary but loses
+    about eps |a|^2 to cancellation: the rows are first centred on the mean of the `valid`
+    rows and divided by the bandwidth and a power of two (exact), so the error is
+    eps |a - mean|^2 / width^2 in q, the Gram product is taken at full float32 precision, the
+    diagonal of x against itself (`same`) is set to exactly 0, and a row farther than 2^60
+    bandwidths from the mean is left out entirely (far from every other row).
+    """
+    width = jnp.maximum(as_float32(width), jnp.finfo(jnp.float32).tiny)  # never 0 / 0
     if x.shape[1] <= _DIRECT_DIFF_MAX_DIM:
-        diff = x[:, None, :] - y[None, :, :]  # [N, M, D]
-        return jnp.sum(jnp.square(diff), axis=-1)
-    # |a|^2 + |b|^2 - 2 a.b: no [N, M, D] temporary for wide (latent) features.
-    sq = (jnp.sum(jnp.square(x), -1)[:, None] + jnp.sum(jnp.square(y), -1)[None, :]
-          - 2.0 * x @ y.T)
-    return jnp.maximum(sq, 0.0)
+        r = (x[:, None, :] - y[None, :, :]) / width  # [N, M, D]
+        far = jax.lax.stop_gradient(jnp.any(~(jnp.abs(r) <= limit), axis=-1))
+        r = jnp.where(far[..., None], 0.0, r)  # the double where: no inf reaches the square
+        return 0.5 * jnp.sum(jnp.square(r), axis=-1), far
+    both = jnp.concatenate([x, y]) if not same else x
+    weight = (jnp.ones(both.shape[:1], bool) if valid is None
+              else jnp.concatenate([valid, valid]) if not same else valid)
+    weight = weight.astype(jnp.float32) / jnp.maximum(jnp.sum(weight), 1.0)
+    center = jax.lax.stop_gradient(jnp.sum(weight[:, None] * both, axis=0))  # [D]
+    scaled = []
+    for rows in (x, y):
+        z = (rows - center) / width
+        isolated = jax.lax.stop_gradient(~(jnp.max(jnp.abs(z), axis=-1) <= 2.0 ** 60))  # [N]
+        scaled.append((jnp.where(isolated[:, None], 0.0, z), isolated))
+    (zx, iso_x), (zy, iso_y) = scaled
+    top = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(zx)), jnp.max(jnp.abs(zy))))
+    _, k = jnp.frexp(top)  # |z| / 2^k <= 1, exactly
+    zx, zy = jnp.ldexp(zx, -k), jnp.ldexp(zy, -k)
+    gram = jnp.matmul(zx, zy.T, precision=jax.lax.Precision.HIGHEST)
+    sq = (jnp.sum(jnp.square(zx), -1)[:, None] + jnp.sum(jnp.square(zy), -1)[None, :]
+          - 2.0 * gram)
+    if same:
+        sq = jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, sq)
+    q = jnp.ldexp(0.5 * jnp.maximum(sq, 0.0), 2 * k)  # 2^(2k) <= 2^122: finite factor
+    far = jax.lax.stop_gradient(~(q <= 0.5 * limit * limit) | iso_x[:, None] | iso_y[None, :])
+    if same:
+        far = far & ~jnp.eye(x.shape[0], dtype=bool)  # a point is at distance 0 from itself
+    return jnp.where(far, 0.0, q), far
+
+
+def _kernel(x: jax.Array, y: jax.Array, widths: tuple, *, same: bool,
+            valid: jax.Array | None = None) -> jax.Array:
+    """sum_s exp(-|x_n - y_m|^2 / (2 s^2)) [N, M]; exactly 0 where e^-q is below float32's
+    range (q > 112), exactly 1 per bandwidth on the diagonal of x against itself (`same`)."""
+    total = 0.0
+    for s in widths:
+        q, far = _half_squared_distances(x, y, s, same=same, limit=_KERNEL_REACH, valid=valid)
+        total = total + jnp.where(far, 0.0, jnp.exp(-q))
+    return total
 
 
 def gaussian_kernel(x: jax.Array, y: jax.Array, *, bandwidth) -> jax.Array:
     """Gaussian kernel matrix sum_s exp(-|a - b|^2 / (2 s^2)) over the bandwidths s.
+
+    Finite with finite gradients for every finite input and bandwidth > 0 (below float32's
+    smallest normal number a bandwidth acts as that number). Features wider than 8 are
+    compared through the Gram matrix after centring (see `_half_squared_distances` for its
+    accuracy); `gaussian_kernel(x, x, ...)` (the same array) has an exact unit diagonal.
 
     Args:
       x: [N] or [N, D] features.
@@ -87,11 +140,11 @@ def gaussian_kernel(x: jax.Array, y: jax.Array, *, bandwidth) -> jax.Array:
       [N, M] float32.
     """
     widths = _bandwidths(bandwidth)
+    same = x is y
     x, y = _as_features("x", x), _as_features("y", y)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"feature widths differ: x {x.shape}, y {y.shape}")
-    sq = _squared_distances(x, y)
-    return sum(jnp.exp(-sq / (2.0 * jnp.square(as_float32(w)))) for w in widths)
+    return _kernel(x, x if same else y, widths, same=same)
 
 
 def median_heuristic_bandwidth(features: jax.Array, *, where: jax.Array | None = None,
@@ -107,14 +160,18 @@ def median_heuristic_bandwidth(features: jax.Array, *, where: jax.Array | None =
       min_bandwidth: floor, so identical features give a usable (positive) bandwidth.
 
     Returns:
-      scalar float32 > 0.
+      scalar float32 > 0; 1 (or min_bandwidth if larger) with fewer than two valid samples.
     """
     x = _as_features("features", features)
     n = x.shape[0]
     valid = jnp.ones((n,), bool) if where is None else jnp.asarray(where, bool)
     _check_rows(n, where=valid)
+    if n < 2:  # no pair at all (B = 0 included): the documented fallback
+        return jnp.float32(max(1.0, min_bandwidth))
+    x = jax.lax.stop_gradient(jnp.where(valid[:, None], x, 0.0))  # padding may hold inf / NaN
+    q, far = _half_squared_distances(x, x, 1.0, same=True, limit=jnp.inf, valid=valid)
+    dist = jnp.where(far, jnp.inf, jnp.sqrt(2.0 * q))  # [N, N]
     pair = jnp.triu(jnp.ones((n, n), bool), k=1) & valid[:, None] & valid[None, :]
-    dist = jnp.sqrt(_squared_distances(x, x) + 1e-30)  # [N, N]
     med = jnp.nanmedian(jnp.where(pair, dist, jnp.nan))
     med = jnp.where(jnp.isnan(med), 1.0, med)  # fewer than two valid samples
     return jax.lax.stop_gradient(jnp.maximum(med, min_bandwidth))
@@ -150,9 +207,12 @@ def mmd2(x: jax.Array, y: jax.Array, *, bandwidth, unbiased: bool = True) -> jax
     if x.shape[0] < need or y.shape[0] < need:
         raise ValueError(f"mmd2(unbiased={unbiased}) needs >= {need} samples per side, got "
                          f"x {x.shape}, y {y.shape}")
-    kxx = gaussian_kernel(x, x, bandwidth=bandwidth)  # [N, N]
-    kyy = gaussian_kernel(y, y, bandwidth=bandwidth)  # [M, M]
-    kxy = gaussian_kernel(x, y, bandwidth=bandwidth)  # [N, M]
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature widths differ: x {x.shape}, y {y.shape}")
+    widths = _bandwidths(bandwidth)
+    kxx = _kernel(x, x, widths, same=True)  # [N, N], diagonal exactly 1 per bandwidth
+    kyy = _kernel(y, y, widths, same=True)  # [M, M]
+    kxy = _kernel(x, y, widths, same=False)  # [N, M]
     n, m = x.shape[0], y.shape[0]
     if unbiased:
         within_x = (jnp.sum(kxx) - jnp.trace(kxx)) / (n * (n - 1))
@@ -171,16 +231,18 @@ def _check_rows(n: int, **arrays) -> None:
 
 
 def _check_bins(bins, valid, num_bins: int) -> None:
-    """Eager range check of concrete bin ids (only where `valid`); skipped under tracing."""
+    """Eager check of concrete bin ids: none >= num_bins where `valid` (negative ids are
+    unmatched samples, left out); skipped under tracing (see `binned_mmd2`)."""
     if isinstance(bins, jax.core.Tracer) or isinstance(valid, jax.core.Tracer):
         return
     b = np.asarray(bins)
     v = np.ones(b.shape, bool) if valid is None else np.asarray(valid, bool)
-    bad = np.flatnonzero(v & ((b < 0) | (b >= num_bins)))
+    bad = np.flatnonzero(v & (b >= num_bins))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"bins out of range [0, {num_bins}): bins[{i}] = {int(b[i])} "
-                         f"({bad.size} bad entries; mask padding out with `where`)")
+        raise ValueError(f"bins out of range: bins[{i}] = {int(b[i])} >= num_bins = {num_bins} "
+                         f"({bad.size} such entries; negative ids mark unmatched samples and "
+                         f"are left out, padding can also be masked with `where`)")
 
 
 def binned_mmd2(features: jax.Array, bins: jax.Array, *, num_bins: int, bandwidth,
@@ -194,24 +256,30 @@ def binned_mmd2(features: jax.Array, bins: jax.Array, *, num_bins: int, bandwidt
     [M, M]; there is no loop over pairs. See the module docstring for `reduction` and the
     factor 2 of the thesis' double sum.
 
-    Bin ids are checked eagerly when concrete (ValueError); under `jax.jit` an out-of-range id
-    gives an all-zero one-hot row, i.e. that sample is silently ignored.
+    Bin ids: a negative id marks a sample with no bin (`alignax.data.bins` gives -1 to
+    unmatched samples): it is left out, exactly like where=False. An id >= num_bins is an
+    error: a ValueError when the ids are concrete (eager calls), and under `jax.jit`, where
+    nothing can be raised, the result is NaN (so a finite-loss check stops the run), never a
+    silently dropped sample.
+
+    Rows left out (where=False or a negative id) may hold anything, inf and NaN included:
+    value and gradient equal those of the sliced inputs.
 
     Args:
       features: [N] (e.g. rewards or log-ratios) or [N, D] (latent representations f(T)).
-      bins: [N] int bin ids in [0, num_bins) (entries with where=False may hold anything).
+      bins: [N] int bin ids in [0, num_bins); negative = no bin (left out).
       num_bins: static number of bins M.
       bandwidth: > 0 scalar or tuple of scalars (summed kernels); may be a traced value such as
         `median_heuristic_bandwidth(features)`.
       unbiased: U-statistic within-bin terms if True, else V-statistic.
-      where: optional [N] bool; False rows (padding) are ignored. Equals slicing them off.
+      where: optional [N] bool; False rows (padding) are left out. Equals slicing them off.
       reduction: "sum" (unordered pairs), "double_sum" (thesis, ordered pairs) or "mean".
 
     Returns:
       scalar float32 (0 when fewer than two bins contribute).
 
     Raises:
-      ValueError: mismatched lengths, bins out of range, non-positive bandwidth, bad
+      ValueError: mismatched lengths, concrete bins >= num_bins, non-positive bandwidth, bad
         num_bins or reduction. TypeError: non-integer bins.
 
     Examples:
@@ -228,13 +296,17 @@ def binned_mmd2(features: jax.Array, bins: jax.Array, *, num_bins: int, bandwidt
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     _check_rows(x.shape[0], bins=bins, **({} if where is None else {"where": where}))
+    widths = _bandwidths(bandwidth)
     _check_bins(bins, where, int(num_bins))
     n_bins = int(num_bins)
 
-    onehot = jax.nn.one_hot(bins, n_bins, dtype=jnp.float32)  # [N, M]; out of range -> zeros
+    bins = jnp.asarray(bins)
+    kept = bins >= 0  # [N]
     if where is not None:
-        onehot = onehot * jnp.asarray(where, jnp.float32)[:, None]
-    kernel = gaussian_kernel(x, x, bandwidth=bandwidth)  # [N, N]
+        kept = kept & jnp.asarray(where, bool)
+    x = jnp.where(kept[:, None], x, 0.0)  # left-out rows never enter the kernel (inf / NaN)
+    onehot = jnp.where(kept[:, None], jax.nn.one_hot(bins, n_bins, dtype=jnp.float32), 0.0)
+    kernel = _kernel(x, x, widths, same=True, valid=kept)  # [N, N]
     block = onehot.T @ kernel @ onehot  # [M, M]: S_mm' = sum_{i in m, j in m'} k(x_i, x_j)
     counts = jnp.sum(onehot, axis=0)  # [M]
     need = 2.0 if unbiased else 1.0
@@ -254,10 +326,11 @@ def binned_mmd2(features: jax.Array, bins: jax.Array, *, num_bins: int, bandwidt
     upper = jnp.triu(jnp.ones((n_bins, n_bins), bool), k=1) & valid[:, None] & valid[None, :]
     total = jnp.sum(jnp.where(upper, pair_mmd, 0.0))  # sum over unordered pairs m < m'
     if reduction == "double_sum":
-        return 2.0 * total  # the thesis' sum over ordered (m, m'), §4.5.1 / eq. 4.4
-    if reduction == "mean":
-        return total / jnp.maximum(jnp.sum(upper), 1).astype(jnp.float32)
-    return total
+        total = 2.0 * total  # the thesis' sum over ordered (m, m'), §4.5.1 / eq. 4.4
+    elif reduction == "mean":
+        total = total / jnp.maximum(jnp.sum(upper), 1).astype(jnp.float32)
+    out_of_range = jnp.any(kept & (bins >= n_bins))  # only reachable under jit
+    return jnp.where(out_of_range, jnp.nan, total)
 
 
 def crm_regularizer(chosen_features: jax.Array, rejected_features: jax.Array,
@@ -293,6 +366,19 @@ def crm_regularizer(chosen_features: jax.Array, rejected_features: jax.Array,
     pooled_bins = jnp.concatenate([jnp.asarray(chosen_bins), jnp.asarray(rejected_bins)])
     pooled_where = None if where is None else jnp.concatenate([jnp.asarray(where, bool)] * 2)
     return binned_mmd2(pooled, pooled_bins, where=pooled_where, **kw)  # [2B] pooled
+
+
+def _sanitize(where, **arrays) -> list[jax.Array]:
+    """The arrays ([B] or [B, D]) with the rows where `where` is False replaced by 0 (no inf /
+    NaN of a padded row reaches any arithmetic, value or gradient); checks where is [B]."""
+    arrays = {name: as_float32(a) for name, a in arrays.items()}
+    if where is None:
+        return list(arrays.values())
+    first = next(iter(arrays.values()))
+    _check_rows(first.shape[0], where=where)
+    mask = jnp.asarray(where, bool)
+    return [jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, 0.0)
+            for a in arrays.values()]
 
 
 def _spread(per_example: jax.Array, penalty: jax.Array, where) -> jax.Array:
@@ -332,11 +418,15 @@ def causal_reward_loss(chosen_rewards: jax.Array, rejected_rewards: jax.Array,
       margin: Bradley-Terry margin.
       chosen_features, rejected_features: optional [B, D] latents f(T) to regularise instead
         of the rewards.
-      where: optional [B] bool pair mask; masked rows return 0.
+      where: optional [B] bool pair mask; masked rows return 0 with zero gradient, whatever
+        they hold (inf / NaN included), and the rest equals the sliced batch.
 
     Returns:
       [B] float32 per-example losses.
     """
+    check_same_shape(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    chosen_rewards, rejected_rewards = _sanitize(where, chosen_rewards=chosen_rewards,
+                                                 rejected_rewards=rejected_rewards)
     bt = bradley_terry_loss(chosen_rewards, rejected_rewards, margin=margin)
     feats_w = chosen_rewards if chosen_features is None else chosen_features
     feats_l = rejected_rewards if rejected_features is None else rejected_features
@@ -379,11 +469,14 @@ def causal_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, chosen_bins: jax
       bandwidth: > 0 scalar/tuple, or "median" (median heuristic on the log-ratios).
       divergence, alpha: as in `alignax.objectives.fdpo_loss`.
       conditional, unbiased, reduction: as in `crm_regularizer` / `binned_mmd2`.
-      where: optional [B] bool pair mask; masked rows return 0.
+      where: optional [B] bool pair mask; masked rows return 0 with zero gradient, whatever
+        they hold (inf / NaN included), and the rest equals the sliced batch.
 
     Returns:
       [B] float32 per-example losses (the batch MMD term is added to every valid row).
     """
+    check_same_shape(chosen_h=chosen_h, rejected_h=rejected_h)
+    chosen_h, rejected_h = _sanitize(where, chosen_h=chosen_h, rejected_h=rejected_h)
     dpo = fdpo_loss(chosen_h, rejected_h, beta=beta, divergence=divergence, alpha=alpha)
     bw = _resolve_bandwidth(bandwidth, chosen_h, rejected_h, where)
     reg = crm_regularizer(chosen_h, rejected_h, chosen_bins, rejected_bins, num_bins=num_bins,

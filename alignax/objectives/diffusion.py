@@ -6,8 +6,9 @@ r = ||eps - eps_theta(x_t, t)||^2 - ||eps - eps_ref(x_t, t)||^2 (a cost, hence -
     L = -log sigmoid(-beta T omega(lambda_t) (mean_{G_w} r_w - mean_{G_l} r_l)).
 
 With one member per group this is Diffusion-DPO (Wallace et al., 2023, eq. 14). It is mDPO
-(`mdpo_loss`, reverse KL) on the log-ratio proxies h = -T omega(lambda_t) r, which is how it is
-implemented; masks, empty groups and numerics are mDPO's. The SFT term of a diffusion model
+(`mdpo_loss`, reverse KL) on the log-ratio proxies h = -T omega(lambda_t) r, implemented as
+mDPO on -r with beta T omega(lambda_t) (the same loss, and no overflow of h); masks, empty
+groups and numerics are mDPO's. The SFT term of a diffusion model
 (the analogue of the NLL term, §3.6.1 footnote 3) is the chosen group's mean denoising error
 of the model, and composes by addition.
 """
@@ -79,7 +80,9 @@ def diffusion_mdpo_loss(chosen_model_err: jax.Array, chosen_ref_err: jax.Array,
         weight = jnp.full((b,), weight)
     elif jnp.shape(weight) != (b,):
         raise ValueError(f"weight must be a scalar or [B] = ({b},), got {jnp.shape(weight)}")
-    # Log-ratio proxy h = -T omega(lambda_t) (||eps - eps_theta||^2 - ||eps - eps_ref||^2).
+    # Log-ratio proxy h = -T omega(lambda_t) (||eps - eps_theta||^2 - ||eps - eps_ref||^2); the
+    # weight multiplies beta instead of h, so that a weight > 1 cannot overflow h where the
+    # loss is finite (mDPO's reverse-KL loss depends on beta h only).
     masks = []
     for name, mask, a in (("chosen", chosen_mask, chosen_model_err),
                           ("rejected", rejected_mask, rejected_model_err)):
@@ -87,9 +90,9 @@ def diffusion_mdpo_loss(chosen_model_err: jax.Array, chosen_ref_err: jax.Array,
             raise ValueError(f"{name}_mask {jnp.shape(mask)} must have the shape of "
                              f"{name}_model_err {jnp.shape(a)}")
         masks.append(jnp.ones(jnp.shape(a), dtype=bool) if mask is None else jnp.asarray(mask) != 0)
-    chosen_h = -weight[:, None] * jnp.where(
-        masks[0], as_float32(chosen_model_err) - as_float32(chosen_ref_err), 0.0)  # [B, K]
-    rejected_h = -weight[:, None] * jnp.where(
-        masks[1], as_float32(rejected_model_err) - as_float32(rejected_ref_err), 0.0)  # [B, L]
-    return mdpo_loss(chosen_h, rejected_h, beta=beta, chosen_mask=chosen_mask,
-                     rejected_mask=rejected_mask)
+    chosen_r = jnp.where(masks[0], as_float32(chosen_model_err) - as_float32(chosen_ref_err),
+                         0.0)  # [B, K]; errors >= 0, so |r| <= float32 max
+    rejected_r = jnp.where(masks[1], as_float32(rejected_model_err)
+                           - as_float32(rejected_ref_err), 0.0)  # [B, L]
+    return mdpo_loss(-chosen_r, -rejected_r, beta=as_float32(beta) * weight,
+                     chosen_mask=chosen_mask, rejected_mask=rejected_mask)

@@ -17,12 +17,16 @@ f-DPO) term with the paper's forward-KL regulariser as a heuristic, without Theo
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
 
-from alignax._checks import as_float32, check_positive, check_rank, check_same_shape
-from alignax.divergences import get_divergence
-from alignax.objectives.fdpo import fdpo_loss
+from alignax._checks import (as_float32, check_positive, check_rank, check_same_shape,
+                             masked_mean)
+from alignax.divergences import Divergence, get_divergence, scaled_exp
+from alignax.objectives.fdpo import _power_group_z, fdpo_loss, log_slope
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -39,17 +43,116 @@ def _mask(where, shape: tuple[int, ...], name: str) -> jax.Array:
     return jnp.asarray(where).astype(bool)
 
 
-def _masked_mean(x: jax.Array, mask: jax.Array, axis) -> jax.Array:
-    """Mean of x over `axis` where mask; 0 (with zero gradient) where mask is empty."""
-    count = jnp.sum(mask, axis=axis)
-    return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / jnp.maximum(count, 1)
+def _half_residual(name, h_1, h_2, r_1, r_2, beta, power):
+    """rho = (r_1 - r_2)/2 - (beta/2) (f'(u_1) - f'(u_2)), half the residual of 004 eq. 7, as
+    (rho, sign, log |rho|): rho is inf only beyond float32, its logarithm is always finite
+    (the halves of r_1 - r_2 and of the gap cannot overflow; beta times the gap may)."""
+    if name in ("forward_kl", "alpha"):  # f' = -u^-c/c + const, see `_power_group_z`
+        ones = jnp.ones_like(h_1)[..., None]
+        gap, log_gap = _power_group_z(h_1[..., None], h_2[..., None], ones, ones, 0.5 * beta,
+                                      power, with_log=True)  # (beta/2) (f'(u_1) - f'(u_2))
+    else:
+        half = (0.5 * h_1 - 0.5 * h_2 if name == "reverse_kl"  # f'(u_1) - f'(u_2) = h_1 - h_2
+                else 0.5 * Divergence("jsd").f_prime_difference(h_1, h_2))  # |.| <= f32 max
+        gap, log_gap = beta * half, jnp.log(beta) + jnp.log(jnp.abs(half))
+    reward = 0.5 * r_1 - 0.5 * r_2
+    # log |rho| by halves while the gap is finite; beyond it, |reward| < |gap| and log1p applies
+    finite = jnp.isfinite(gap)
+    log_near = jnp.log(jnp.abs(0.5 * reward - 0.5 * gap)) + math.log(2.0)
+    ratio = jnp.exp(jnp.log(jnp.abs(reward)) - log_gap) * jnp.sign(reward) * jnp.sign(gap)
+    log_far = log_gap + jnp.log1p(-jnp.minimum(jnp.where(finite, 0.0, ratio), 1.0 - 2.0**-24))
+    sign = jnp.where(finite, jnp.sign(0.5 * reward - 0.5 * gap), -jnp.sign(gap))
+    return reward - gap, sign, jnp.where(finite, log_near, log_far)
 
 
-def _squared_residual(h_1, h_2, r_1, r_2, *, beta, divergence, alpha) -> jax.Array:
-    """(r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2, broadcasting r [..., B] against h [B]."""
+def _weighted_square(rho, log_rho, weight):
+    """weight (2 rho)^2, finite wherever it is in truth (also where rho alone overflows)."""
+    plain = jnp.square(rho * (2.0 * jnp.sqrt(weight)))
+    logs = scaled_exp(4.0 * weight, jnp.log(4.0 * weight), 2.0 * log_rho)
+    return jnp.where(jnp.isfinite(rho), plain, logs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _weighted_squared_residual(name, h_1, h_2, r_1, r_2, beta, power, weight):
+    """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2 = weight (2 rho)^2 (004 eq. 7).
+
+    The derivative is written out: d/dh_1 = -4 w beta rho f''_1 with f''_1 = d f'(e^h_1)/dh_1
+    (and +4 w beta rho f''_2 for h_2), d/dr_1 = -d/dr_2 = 4 w rho, each from log |rho|: 0 where
+    the residual is 0 (never 0 * inf), finite wherever the true one is, even where rho itself
+    overflows. No derivative flows into beta, power or weight.
+    """
+    rho, _, log_rho = _half_residual(name, h_1, h_2, r_1, r_2, beta, power)
+    return _weighted_square(rho, log_rho, weight)
+
+
+@_weighted_squared_residual.defjvp
+def _weighted_squared_residual_jvp(name, primals, tangents):
+    h_1, h_2, r_1, r_2, beta, power, weight = primals
+    d_h1, d_h2, d_r1, d_r2 = tangents[:4]
+    rho, sign, log_rho = _half_residual(name, h_1, h_2, r_1, r_2, beta, power)
+    coef = (jnp.abs(rho), beta, 4.0 * weight)
+    log_coef = log_rho + jnp.log(beta) + jnp.log(4.0 * weight)
+    slope_1 = -sign * scaled_exp(coef, log_coef, log_slope(name, h_1, power))
+    slope_2 = sign * scaled_exp(coef, log_coef, log_slope(name, h_2, power))
+    slope_r = jnp.where(jnp.isfinite(rho), rho * (4.0 * weight),  # 4 w rho = 2 w residual
+                        sign * scaled_exp(4.0 * weight, jnp.log(4.0 * weight), log_rho))
+    tangent = slope_1 * d_h1 + slope_2 * d_h2 + slope_r * (d_r1 - d_r2)
+    return _weighted_square(rho, log_rho, weight), tangent
+
+
+def _squared_residual(h_1, h_2, r_1, r_2, *, beta, divergence, alpha, weight=1.0,
+                      log=False) -> jax.Array:
+    """weight (r_1 - r_2 - beta (f'(u_1) - f'(u_2)))^2, broadcasting r [..., B] against h [B].
+
+    Finite wherever the true value is (no inf - inf between r_1 - r_2 and beta (f'(u_1) -
+    f'(u_2)) at extreme finite inputs), gradients too (`_weighted_squared_residual`). `weight`
+    (> 0) scales the value before squaring, so that a batch mean of terms each beyond float32
+    can still be finite. No gradient flows into beta / alpha. With `log`, returns the natural
+    log of the value instead (finite even where the value overflows; no gradient).
+    """
     div = get_divergence(divergence, alpha=alpha)
-    implicit_gap = div.f_prime_difference(h_1, h_2)  # f'(u_1) - f'(u_2) = h_1 - h_2 for reverse KL
-    return jnp.square(as_float32(r_1) - as_float32(r_2) - beta * implicit_gap)  # 004 eq. 7
+    h_1, h_2, r_1, r_2 = jnp.broadcast_arrays(*(as_float32(v) for v in (h_1, h_2, r_1, r_2)))
+    beta, power, weight = jax.lax.stop_gradient(
+        (jnp.broadcast_to(as_float32(beta), h_1.shape),
+         as_float32(0.0 if div.power is None else div.power),
+         jnp.broadcast_to(as_float32(weight), h_1.shape)))
+    if log:
+        args = jax.lax.stop_gradient((h_1, h_2, r_1, r_2))
+        log_rho = _half_residual(div.name, *args, beta, power)[2]
+        return 2.0 * log_rho + jnp.log(4.0 * weight)
+    return _weighted_squared_residual(div.name, h_1, h_2, r_1, r_2, beta, power, weight)
+
+
+def _argmin(values: jax.Array, logs: jax.Array, axis: int) -> jax.Array:
+    """argmin of `values` along `axis`, decided on their logs `logs` where every value there
+    overflowed (then float32 cannot order the values themselves)."""
+    overflow = jnp.all(jnp.isinf(values), axis=axis, keepdims=True)
+    return jnp.argmin(jnp.where(overflow, logs, values), axis=axis)
+
+
+@jax.custom_jvp
+def _sum_or_fallback(a: jax.Array, b: jax.Array, fallback: jax.Array) -> jax.Array:
+    """a + b, or `fallback` where a + b is inf - inf; the derivative is da + db always.
+
+    `fallback` is the same sum formed at a scale where the two terms cannot both overflow (the
+    caller builds it from stop-gradient inputs): a value-only repair, so a term beyond float32
+    next to a finite or opposite one never turns the loss into NaN.
+    """
+    total = a + b
+    return jnp.where(jnp.isnan(total), fallback, total)
+
+
+@_sum_or_fallback.defjvp
+def _sum_or_fallback_jvp(primals, tangents):
+    return _sum_or_fallback(*primals), tangents[0] + tangents[1]
+
+
+def _downscale(gamma) -> tuple[jax.Array, jax.Array]:
+    """(k, 2^-k) with 2^k >= 2 (gamma + 1): at that scale gamma * (a value <= float32 max) is
+    finite and a first term beyond float32 still leaves a sum beyond float32 (no gradient)."""
+    gamma = jax.lax.stop_gradient(as_float32(gamma))
+    k = (jnp.ceil(jnp.log2(gamma + 1.0)) + 1.0).astype(jnp.int32)
+    return k, jnp.ldexp(jnp.float32(1.0), -k)
 
 
 def distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: jax.Array,
@@ -112,7 +215,7 @@ def forward_kl_estimate(reference_h: jax.Array, *, where: jax.Array | None = Non
       float32 scalar (0 when every entry is masked).
     """
     mask = _mask(where, jnp.shape(reference_h), "reference_where")
-    return _masked_mean(-as_float32(reference_h), mask, axis=None)
+    return masked_mean(-as_float32(reference_h), mask, axis=None)
 
 
 def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: jax.Array,
@@ -174,10 +277,23 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
     h_1, h_2 = (jnp.where(mask, as_float32(v), 0.0) for v in (h_1, h_2))
     r_1, r_2 = (jnp.where(mask, as_float32(v), 0.0) for v in (target_rewards_1, target_rewards_2))
 
-    per_example = _squared_residual(h_1, h_2, r_1, r_2, beta=beta, divergence=divergence,
-                                    alpha=alpha)  # [E, B]
-    member_losses = _masked_mean(per_example, mask[None], axis=1)  # [E]
-    distill = jnp.min(member_losses)  # min over the confidence set, per mini-batch (fn. 2)
+    count = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+
+    def member_losses_at(scale, args):  # [E] batch means of the member losses, times scale
+        per_example = _squared_residual(*args, beta=beta, divergence=divergence, alpha=alpha,
+                                        weight=scale / count)  # [E, B], each / count already
+        return per_example, jnp.sum(jnp.where(mask[None], per_example, 0.0), axis=1)
+
+    # min over the confidence set, per mini-batch (fn. 2). The arg-min is found on values only
+    # and the gradient taken through that member alone: the others may have infinite
+    # derivatives that a 0 cotangent would turn into NaN.
+    per_example, member_losses = member_losses_at(
+        1.0, jax.lax.stop_gradient((h_1, h_2, r_1, r_2)))
+    log_per_example = _squared_residual(h_1, h_2, r_1, r_2, beta=beta, divergence=divergence,
+                                        alpha=alpha, weight=1.0 / count, log=True)  # [E, B]
+    log_member = jax.nn.logsumexp(jnp.where(mask[None], log_per_example, -jnp.inf), axis=1)
+    member = _argmin(member_losses, log_member, axis=0)
+    distill = member_losses_at(1.0, (h_1, h_2, r_1[member][None], r_2[member][None]))[1][0]
 
     if reference_h is None:
         reference_h = jnp.stack([h_1, h_2])  # [2, B]: the pair completions as pi_ref samples
@@ -186,12 +302,17 @@ def pessimistic_distill_loss(h_1: jax.Array, h_2: jax.Array, target_rewards_1: j
     else:
         reference_mask = _mask(reference_where, jnp.shape(reference_h), "reference_where")
     forward_kl = forward_kl_estimate(reference_h, where=reference_mask)
-    loss = distill + gamma * forward_kl  # 004 eq. 11
+    # 004 eq. 11. Where distill is beyond float32 and gamma * forward_kl below -float32 max,
+    # the value comes from the same sum at scale 2^-k (see _sum_or_fallback).
+    k, scale = _downscale(gamma)
+    _, scaled = member_losses_at(scale, jax.lax.stop_gradient((h_1, h_2, r_1, r_2)))
+    fallback = jnp.ldexp(jnp.min(scaled) + jax.lax.stop_gradient(gamma * scale * forward_kl), k)
+    loss = _sum_or_fallback(distill, gamma * forward_kl, fallback)
 
     aux = {
-        "member": jnp.argmin(member_losses).astype(jnp.int32),
+        "member": member.astype(jnp.int32),
         "member_losses": member_losses,
-        "per_example_member": jnp.where(mask, jnp.argmin(per_example, axis=0),
+        "per_example_member": jnp.where(mask, _argmin(per_example, log_per_example, axis=0),
                                         -1).astype(jnp.int32),
         "distill": distill,
         "forward_kl": forward_kl,
@@ -240,16 +361,25 @@ def pessimistic_dpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: fl
     mask = _mask(where, jnp.shape(chosen_h), "where")
     chosen_h, rejected_h = (jnp.where(mask, as_float32(v), 0.0) for v in (chosen_h, rejected_h))
     if reference_h is None:
-        penalty = -0.5 * (chosen_h + rejected_h)  # completions as pi_ref samples, 004 §5
+        # completions as pi_ref samples (004 §5); not 0.5 h_w + 0.5 h_l, which XLA's simplifier
+        # rewrites as 0.5 (h_w + h_l) under jit, -inf at h = 3e38 and NaN times gamma = 0
+        pair = jnp.stack([chosen_h, rejected_h], axis=-1)  # [B, 2]
+        penalty = -masked_mean(pair, jnp.ones(jnp.shape(pair), bool), axis=-1)
     else:
         batch = jnp.shape(chosen_h)[0]
         if jnp.ndim(reference_h) not in (1, 2) or jnp.shape(reference_h)[0] != batch:
             raise ValueError(f"reference_h must have shape [B] or [B, K] with B = "
                              f"{jnp.shape(chosen_h)[0]}, got {jnp.shape(reference_h)}")
         ref = as_float32(reference_h).reshape(jnp.shape(chosen_h)[0], -1)  # [B, K]
-        penalty = -jnp.mean(jnp.where(mask[:, None], ref, 0.0), axis=1)  # [B]
+        penalty = -masked_mean(ref, jnp.broadcast_to(mask[:, None], ref.shape), axis=1)  # [B]
     dpo = fdpo_loss(chosen_h, rejected_h, beta=beta, divergence=divergence, alpha=alpha)
-    return jnp.where(mask, dpo + gamma * penalty, 0.0)  # 004 eq. 13
+    # 004 eq. 13. Where dpo is beyond float32 (then it is linear in beta: softplus(-z) = -z)
+    # and gamma * penalty below -float32 max, the value is the same sum at scale 2^-k.
+    k, scale = _downscale(gamma)
+    args = jax.lax.stop_gradient((chosen_h, rejected_h, beta, gamma * scale * penalty))
+    fallback = jnp.ldexp(fdpo_loss(*args[:2], beta=args[2] * scale, divergence=divergence,
+                                   alpha=alpha) + args[3], k)
+    return jnp.where(mask, _sum_or_fallback(dpo, gamma * penalty, fallback), 0.0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -30,16 +30,16 @@ The NLL/SFT regulariser (thesis §3.6.1, footnote 3) composes by addition:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 
 from alignax._checks import as_float32, check_positive, check_rank
-from alignax.divergences import get_divergence
-from alignax.objectives.fdpo import nll_loss
-
-_LOG_SPLIT = 40.0  # s = e^40: (x s) s stays finite for |x| <= 1 (e^80 < float32 max ~ e^88.7)
+from alignax.divergences import (_softplus_difference, frexp32, get_divergence, ldexp32,
+                                 scaled_exp)
+from alignax.objectives.fdpo import group_loss, nll_loss, power_group_margin
 
 
 def _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask):
@@ -62,85 +62,32 @@ def _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask):
     return masks[0], masks[1]
 
 
-def _member_values(div, h, mask):
-    """Per-member f'(u) in a scaled form, safe for any value at padded members.
+def _group_inputs(chosen_h, rejected_h, chosen_mask, rejected_mask):
+    """Sanitised groups on validated boolean masks.
 
-    Returns (g_scaled [B, N], log_scale [B, N]) with f'(u) = g_scaled * exp(log_scale) up to an
-    additive constant (constants cancel in a difference of group means and in variances). The
-    magnitudes are kept in log space for forward KL / alpha, whose f'(u) = -u^(-a)/a overflows
-    float32 for h below about -88/a while its log magnitude does not.
+    Returns (empty [B], h_w [B, K], h_l [B, L], valid_w [B, K], valid_l [B, L]). `empty`
+    marks examples with an empty group: all their members count as valid and hold h = 0 (the
+    caller zeroes their result, and their gradient is then an exact 0). Padded members hold
+    h = 0 (the first "where": padding never enters any arithmetic).
     """
-    h = jnp.where(mask, as_float32(h), 0.0)  # first where: padded garbage never enters math
-    if div.power is not None:  # forward KL (a = 1) / alpha
-        a = div.power
-        log_mag = -a * h - jnp.log(a)  # log |f'(u) - 1/a| = log(u^-a / a)
-        return -jnp.ones_like(h), log_mag
-    g = h if div.name == "reverse_kl" else jax.nn.log_sigmoid(h)  # jsd: log(2u/(1+u)) - log 2
-    return g, jnp.zeros_like(h)
-
-
-def _scaled_stats(g, log_mag, mask, log_s):
-    """Masked mean and Bessel variance of v = g exp(log_mag) divided by s = exp(log_s [B]).
-
-    Returns (mean [B], var [B], count [B]) of v / s; var is 0 where count < 2.
-    """
-    maskf = mask.astype(jnp.float32)
-    count = jnp.sum(maskf, axis=-1)  # [B]
-    v = jnp.where(mask, g * jnp.exp(jnp.where(mask, log_mag - log_s[:, None], 0.0)), 0.0)
-    mean = jnp.sum(v, axis=-1) / jnp.maximum(count, 1.0)
-    dev = jnp.where(mask, v - mean[:, None], 0.0)
-    var = jnp.sum(jnp.square(dev), axis=-1) / jnp.maximum(count - 1.0, 1.0)  # K-1 denominator
-    return mean, jnp.where(count >= 2.0, var, 0.0), count
-
-
-def _row_log_scale(g, log_mag, mask, floor):
-    """log of max(floor, max over valid members of |g| exp(log_mag)), per row, no gradient."""
-    log_abs = jnp.where(mask, jnp.log(jnp.maximum(jnp.abs(g), 1e-30)) + log_mag, -jnp.inf)
-    return jax.lax.stop_gradient(jnp.maximum(jnp.max(log_abs, axis=-1), floor))
-
-
-def _safe_masks(chosen_mask, rejected_mask):
-    """Examples with an empty group get all-True masks (their values are zeroed anyway)."""
     empty = ~(jnp.any(chosen_mask, axis=-1) & jnp.any(rejected_mask, axis=-1))  # [B]
-    return empty, chosen_mask | empty[:, None], rejected_mask | empty[:, None]
+    h_w = jnp.where(chosen_mask & ~empty[:, None], as_float32(chosen_h), 0.0)
+    h_l = jnp.where(rejected_mask & ~empty[:, None], as_float32(rejected_h), 0.0)
+    return empty, h_w, h_l, chosen_mask | empty[:, None], rejected_mask | empty[:, None]
 
 
-def _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=None):
-    """(mean_k f'(u_w,k) - mean_l f'(u_l,l) [B], zero_rows [B]) on validated boolean masks.
+def _weights(valid):
+    """[B, N] bool -> float32 weights 1/count on the valid members, 0 elsewhere."""
+    v = valid.astype(jnp.float32)
+    return v / jnp.maximum(jnp.sum(v, axis=-1, keepdims=True), 1.0)
 
-    zero_rows marks examples whose mDPO loss is 0: an empty group, or (when `beta` is given)
-    a margin so large that -log sigmoid(beta margin) underflows to 0; their margin reads 0.
-    """
-    empty, cm, rm = _safe_masks(chosen_mask, rejected_mask)
-    if div.power is None:  # reverse KL, JSD
-        means = []
-        for h, mask, safe in ((chosen_h, chosen_mask, cm), (rejected_h, rejected_mask, rm)):
-            g, _ = _member_values(div, h, mask)
-            weight = safe.astype(jnp.float32) / jnp.sum(safe, axis=-1, keepdims=True)  # [B, N]
-            means.append(jnp.sum(weight * g, axis=-1))  # weight first: no overflow of the sum
-        return jnp.where(empty, 0.0, means[0] - means[1]), empty
-    # mean_k f'(u_k) = f'(u_eff), log u_eff = -(1/a) log mean_k u_k^(-a): a log-mean-exp.
-    a = div.power
-    h_eff = []
-    for h, mask, safe in ((chosen_h, chosen_mask, cm), (rejected_h, rejected_mask, rm)):
-        x = jnp.where(mask, -a * as_float32(h), 0.0)  # -a h, [B, N]
-        m = jax.lax.stop_gradient(jnp.max(jnp.where(safe, x, -jnp.inf), axis=-1))  # [B]
-        total = jnp.sum(jnp.where(safe, jnp.exp(x - m[:, None]), 0.0), axis=-1)  # >= 1
-        log_mean = m + jnp.log(total) - jnp.log(jnp.sum(safe, axis=-1).astype(jnp.float32))
-        h_eff.append(-log_mean / a)  # log u_eff, [B]
-    if beta is not None:
-        # margin = (e^p - e^q)/a with p = -a h_eff_l, q = -a h_eff_w. Where beta * margin > 104,
-        # -log sigmoid(-beta margin) is exactly 0 in float32; the margin itself may overflow
-        # there (and 0 * inf = NaN in its gradient), so those rows are computed on zeros.
-        p_, q_ = -a * h_eff[1], -a * h_eff[0]
-        gap = jnp.abs(p_ - q_)
-        log_margin = (jnp.maximum(p_, q_) + jnp.log(-jnp.expm1(-jnp.maximum(gap, 1e-30)))
-                      - jnp.log(a))
-        saturated = (p_ > q_) & (jnp.log(as_float32(beta)) + log_margin > math.log(104.0))
-        saturated = jax.lax.stop_gradient(saturated)
-        h_eff = [jnp.where(saturated, 0.0, h) for h in h_eff]
-        empty = empty | saturated
-    return jnp.where(empty, 0.0, div.f_prime_difference(h_eff[0], h_eff[1])), empty
+
+def _group_means(div, h_w, h_l, valid_w, valid_l):
+    """(mean_k g_w,k, mean_l g_l,l) [B] with g = f'(u) - 1 (reverse KL) or f'(u) - log 2 (JSD),
+    weights applied first so the sums cannot overflow."""
+    g = (lambda h: h) if div.name == "reverse_kl" else jax.nn.log_sigmoid  # log(2u/(1+u)) - log 2
+    return (jnp.sum(_weights(valid_w) * g(h_w), axis=-1),
+            jnp.sum(_weights(valid_l) * g(h_l), axis=-1))
 
 
 def group_margin(chosen_h: jax.Array, rejected_h: jax.Array, *, divergence: str = "reverse_kl",
@@ -148,10 +95,11 @@ def group_margin(chosen_h: jax.Array, rejected_h: jax.Array, *, divergence: str 
                  rejected_mask: jax.Array | None = None) -> jax.Array:
     """Difference of group means of f'(u): mean_k f'(u_w,k) - mean_l f'(u_l,l), [B] float32.
 
-    For reverse KL this is mean_k h_w - mean_l h_l (§3.5.1). Forward KL / alpha use
-    mean_k f'(u_k) = f'(u_eff) with log u_eff = -(1/a) log mean_k u_k^(-a), so the difference is
-    taken by `Divergence.f_prime_difference` without forming inf - inf. Examples with an empty
-    group give 0.
+    For reverse KL this is mean_k h_w - mean_l h_l (§3.5.1). Forward KL / alpha (f'(u) =
+    (1 - u^-a)/a) use mean_k u_k^-a = e^(log-mean-exp of -a h_k), so the difference is formed
+    without inf - inf and is inf only where the true value exceeds float32; its derivative,
+    (1/K) e^(-a h_w,k) per chosen member, is finite wherever the true one is. Examples with an
+    empty group give 0 and no gradient.
 
     Args:
       chosen_h: [B, K] log-ratios of the preferred group.
@@ -161,7 +109,15 @@ def group_margin(chosen_h: jax.Array, rejected_h: jax.Array, *, divergence: str 
     """
     chosen_mask, rejected_mask = _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask)
     div = get_divergence(divergence, alpha=alpha)
-    return _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask)[0]
+    empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
+                                                      rejected_mask)
+    if div.power is not None:
+        power = jax.lax.stop_gradient(as_float32(div.power))
+        margin = power_group_margin(h_w, h_l, _weights(valid_w), _weights(valid_l), power)
+    else:
+        mean_w, mean_l = _group_means(div, h_w, h_l, valid_w, valid_l)
+        margin = mean_w - mean_l
+    return jnp.where(empty, 0.0, margin)
 
 
 def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.Array,
@@ -172,6 +128,12 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     With reverse KL (default) this is the thesis' L_mDPO, -log sigmoid(beta mean h_w -
     beta mean h_l); with K = L = 1 it is DPO (`fdpo_loss`) exactly. The estimator is biased
     for the population mDPO objective (the sigmoid is non-linear, §3.5.2).
+
+    Numerics as in `fdpo_loss`: no NaN for finite inputs, the loss inf only where its true
+    value exceeds float32, gradients finite wherever the true ones are (the derivative
+    -(beta/K) sigmoid(-z) f''(h_w,k) of a chosen member is written out), and alpha -> 0 tends
+    to reverse KL to float32 accuracy (the group means of u^-a are formed through expm1 /
+    log1p of -a (h - min h)). beta and alpha get no gradient.
 
     Args:
       chosen_h: [B, K] log-ratios of the preferred group (any float dtype; computed in f32).
@@ -194,18 +156,249 @@ def mdpo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, beta: float | jax.A
     check_positive("beta", beta)
     chosen_mask, rejected_mask = _validate_groups(chosen_h, rejected_h, chosen_mask, rejected_mask)
     div = get_divergence(divergence, alpha=alpha)
-    margin, zero = _margin(div, chosen_h, rejected_h, chosen_mask, rejected_mask, beta=beta)
-    return jnp.where(zero, 0.0, jax.nn.softplus(-beta * margin))  # -log sigmoid(beta margin)
+    empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
+                                                      rejected_mask)
+    beta, power = jax.lax.stop_gradient(
+        (as_float32(beta), as_float32(0.0 if div.power is None else div.power)))
+    loss = group_loss(div.name, h_w, h_l, _weights(valid_w), _weights(valid_l), beta, power)
+    return jnp.where(empty, 0.0, loss)  # -log sigmoid(beta margin)
 
 
-def _unscale(x, log_s):
-    """x * s^2 for s = exp(log_s) [B]: exact (with exact gradient) while s^2 fits in float32,
-    +/-inf beyond, and 0 (never 0 * inf = NaN) where x is exactly 0."""
-    s = jnp.exp(jnp.minimum(log_s, _LOG_SPLIT))
-    rest = jnp.exp(jnp.maximum(log_s - _LOG_SPLIT, 0.0))  # 1 unless s > e^40
-    out = (x * s) * s
-    big = log_s > _LOG_SPLIT
-    return jnp.where(big, jnp.where(x == 0.0, 0.0, (out * rest) * rest), out)
+def _median_member(h, valid):
+    """h of the lower-median valid member of each row ([B, N] -> [B]; 0 for a row without)."""
+    count = jnp.sum(valid, axis=-1)
+    ordered = jnp.sort(jnp.where(valid, h, jnp.inf), axis=-1)
+    t = jnp.take_along_axis(ordered, (jnp.maximum(count - 1, 0) // 2)[:, None], axis=-1)[:, 0]
+    return jnp.where(jnp.isfinite(t), t, 0.0)
+
+
+_LN2 = math.log(2.0)
+
+
+# Extended numbers for mIPO: x = m 2^k e^(2 half) as (m, k, half): k int32, and on the linear
+# path (reverse KL / JSD) half is 0 and every rescaling is an exact power of two.
+def _pow2_scale(e):
+    """2^e for int e <= 0 (exactly 0 below 2^-126: a term that far below the largest is lost
+    only where everything larger cancels exactly)."""
+    bits = (jnp.maximum(e, -126) + 127) << 23
+    return jnp.where(e < -126, 0.0, jax.lax.bitcast_convert_type(bits, jnp.float32))
+
+
+def _x_normal(m, k, half):
+    """(m, k, half) with m renormalised to [1/2, 1) (exact)."""
+    mantissa, exponent = frexp32(m)
+    return mantissa, k + exponent, half
+
+
+def _x_from(value):
+    """A float32 array as an extended number."""
+    return _x_normal(value, jnp.zeros(jnp.shape(value), jnp.int32), jnp.zeros_like(value))
+
+
+def _x_sum(x, axis, log_space):
+    """sum over `axis`: every term scaled relative to the largest one (by max reductions)."""
+    m, k, half = x
+    live = m != 0.0
+    if log_space:
+        score = jnp.where(live, half + k * (0.5 * _LN2), -jnp.inf)
+        top = jnp.argmax(score, axis=axis, keepdims=True)  # an index: immune to re-rounding
+        is_top = live & (jax.lax.broadcasted_iota(jnp.int32, score.shape, axis % score.ndim)
+                         == top)
+        k_top = jnp.max(jnp.where(is_top, k, -2**30), axis=axis, keepdims=True)
+        half_top = jnp.max(jnp.where(is_top, half, -jnp.inf), axis=axis, keepdims=True)
+        half_top = jnp.where(jnp.isfinite(half_top), half_top, 0.0)
+        # <= 0 by the choice of the top; the clamp keeps it so where the compiler evaluates
+        # half twice with different roundings (at |half| ~ 1e29 one ulp is e^(1e22))
+        factor = jnp.exp(jnp.minimum(jnp.where(live, 2.0 * (half - half_top)
+                                               + (k - k_top) * _LN2, 0.0), 0.0))
+    else:
+        k_top = jnp.max(jnp.where(live, k, -2**30), axis=axis, keepdims=True)
+        half_top = jnp.zeros_like(jnp.sum(half, axis=axis, keepdims=True))
+        factor = _pow2_scale(jnp.where(live, k - k_top, 0))
+    total = jnp.sum(jnp.where(live, m * factor, 0.0), axis=axis)  # |total| <= count
+    k_top = jnp.where(jnp.any(live, axis=axis, keepdims=True), k_top, 0)
+    return total, jnp.squeeze(k_top, axis), jnp.squeeze(half_top, axis)
+
+
+def _x_add(a, b, log_space):
+    return _x_sum(tuple(jnp.stack([u, v], -1) for u, v in zip(a, b)), -1, log_space)
+
+
+def _x_mul(a, b):
+    return a[0] * b[0], a[1] + b[1], a[2] + b[2]
+
+
+def _x_scale(a, coef):
+    """a times a float32 coefficient (|coef| a moderate number)."""
+    return a[0] * coef, a[1], a[2]
+
+
+def _x_leave_one_out(x, log_space):
+    """(sum_{j != i} x_j over the last axis [..., N], the full sum [...]).
+
+    S - x_i loses nothing unless x_i dominates S, i.e. for the largest member; its sum is
+    taken over the others directly (scaled by the second largest), so no leave-one-out sum
+    ever cancels against the member left out.
+    """
+    m, k, half = x
+    total = _x_sum(x, -1, log_space)
+    score = k * (0.5 * _LN2) + half if log_space else k.astype(jnp.float32)
+    score = jnp.where(m != 0.0, score + jnp.log(jnp.abs(m)), -jnp.inf)
+    top = jnp.argmax(score, axis=-1)[..., None] == jnp.arange(m.shape[-1])  # [..., N]
+    rest = _x_sum((jnp.where(top, 0.0, m), k, half), -1, log_space)
+    broadcast = [tuple(jnp.broadcast_to(v[..., None], m.shape) for v in t)
+                 for t in (total, rest)]
+    others = _x_add(broadcast[0], (-m, k, half), log_space)
+    return tuple(jnp.where(top, r, o) for r, o in zip(broadcast[1], others)), total
+
+
+def _x_float(x, log_space, log_slope=None):
+    """x (times e^log_slope) as float32, inf only beyond float32."""
+    m, k, half = x
+    exponent = 2.0 * half if log_space else 0.0
+    if log_slope is not None:
+        exponent = exponent + log_slope
+    if not log_space and log_slope is None:
+        return ldexp32(m, k)
+    return jnp.sign(m) * scaled_exp(jnp.abs(m), jnp.log(jnp.abs(m)) + k * _LN2, exponent, k)
+
+
+def _mipo_members(name, h, valid, power):
+    """The members' implicit rewards shifted by the median member t, y = g(h) - g(t), as
+    extended numbers [B, N], with log g'(h) [B, N]; padded members are 0.
+
+    The loss depends on differences of g only. Shifting by a member makes y exact where members
+    are close (and alpha -> 0 exact, where g = -u^-a / a is a huge constant plus a tiny
+    difference). Reverse KL / JSD: y by halves (no overflow). Forward KL / alpha:
+    y = -(e^(-a h) - e^(-a t))/a = (-bracket / a) e^(-a min(h, t)), the bracket from expm1 and
+    the exponent kept apart.
+    """
+    t = _median_member(h, valid)[:, None]
+    if name in ("forward_kl", "alpha"):  # g(h) = -e^(-a h)/a
+        d = -power * (h - t)
+        bracket = jnp.expm1(jnp.minimum(d, 0.0)) - jnp.expm1(-jnp.maximum(d, 0.0))
+        m, k, _ = _x_normal(jnp.where(valid, -bracket / power, 0.0),
+                            jnp.zeros(h.shape, jnp.int32), None)
+        return (m, k, -0.5 * power * jnp.minimum(h, t)), -power * h  # g'(h) = e^(-a h)
+    if name == "reverse_kl":  # g(h) = h
+        y_half, log_slope = 0.5 * h - 0.5 * t, jnp.zeros_like(h)
+    else:  # jsd: g(h) = log sigmoid(h), g'(h) = sigmoid(-h)
+        y_half, log_slope = 0.5 * _softplus_difference(-t, -h), -jax.nn.softplus(h)
+    m, k, _ = _x_normal(jnp.where(valid, y_half, 0.0), jnp.ones(h.shape, jnp.int32), None)
+    return (m, k, jnp.zeros_like(h)), log_slope
+
+
+def _mipo_parts(name, unbiased, h_w, h_l, valid_w, valid_l, c, power, grads):
+    """(loss [B], d loss / d h [B, K + L], d loss / d c [B]); the gradients only with `grads`.
+
+    With S_G the group sums of y, n_G the group sizes, D = S_w/K - S_l/L - c:
+      biased:   D^2
+      unbiased: W_w + W_l - 2 S_w S_l/(K L) - 2 c S_w/K + 2 c S_l/L + c^2        (Prop. 1)
+    where W = U / (n (n - 1)), U = sum_{i != j} y_i y_j = sum_i y_i (sum_{j != i} y_j), the
+    U-statistic of mean^2 (a group with one member: W = y^2, no correction). No square of a
+    member appears, so nothing cancels between D^2 and the variances; every sum is taken over
+    extended numbers, in O(K + L). The two groups are handled side by side on a [B, 2, N]
+    layout (N = max(K, L), padding members 0).
+    """
+    log_space = name in ("forward_kl", "alpha")
+    b, k_w, k_l = h_w.shape[0], h_w.shape[-1], h_l.shape[-1]
+    width = max(k_w, k_l)
+
+    def layout(x, y, fill):  # [B, K], [B, L] -> [B, 2, N]
+        pad = lambda a: jnp.concatenate(  # noqa: E731
+            [a, jnp.full((b, width - a.shape[-1]), fill, a.dtype)], -1)
+        return jnp.stack([pad(x), pad(y)], 1)
+
+    valid = layout(valid_w, valid_l, False)
+    flat, log_slope = _mipo_members(name, layout(h_w, h_l, 0.0).reshape(b, 2 * width),
+                                    valid.reshape(b, 2 * width), power)
+    members = tuple(v.reshape(b, 2, width) for v in flat)
+    n = jnp.sum(valid, -1).astype(jnp.float32)  # [B, 2]
+    sign = jnp.array([1.0, -1.0])
+    loo, sums = _x_leave_one_out(members, log_space)  # [B, 2, N], [B, 2]
+    cx = _x_from(c)  # [B]
+    d = _x_sum(tuple(jnp.concatenate([u, v[:, None]], -1) for u, v in zip(
+        _x_scale(sums, sign / n), _x_scale(cx, -1.0))), -1, log_space)  # D = S_w/K - S_l/L - c
+    corrected = n >= 2.0  # [B, 2]
+    pairs = n * jnp.maximum(n - 1.0, 1.0)
+    if unbiased:
+        u = _x_sum(_x_mul(members, loo), -1, log_space)  # [B, 2]
+        within = tuple(jnp.where(corrected, p, q) for p, q in zip(
+            _x_scale(u, 1.0 / pairs), _x_scale(_x_mul(sums, sums), 1.0 / jnp.square(n))))
+        s_w, s_l = (tuple(v[:, g] for v in sums) for g in (0, 1))
+        cross = _x_scale(_x_mul(s_w, s_l), -2.0 / (n[:, 0] * n[:, 1]))
+        linear = _x_scale(_x_mul(tuple(v[:, None] for v in cx), sums), -2.0 * sign / n)
+        square = _x_mul(cx, cx)
+        terms = tuple(jnp.concatenate([a, b_[:, None], l_, s_[:, None]], -1)
+                      for a, b_, l_, s_ in zip(within, cross, linear, square))  # [B, 6]
+        loss = _x_float(_x_sum(terms, -1, log_space), log_space)
+    else:
+        loss = _x_float(_x_mul(d, d), log_space)
+    if not grads:
+        return loss, None, None
+    expand = lambda x: tuple(v[..., None] for v in x)  # noqa: E731, [B, 2] -> [B, 2, 1]
+    if unbiased:  # member a of group G: 2 LOO_a/(n(n-1)) - 2 S_other/(K L) - 2 sign c/n
+        own = tuple(jnp.where(corrected[..., None], p, q) for p, q in zip(
+            _x_scale(loo, (2.0 / pairs)[..., None]),
+            expand(_x_scale(sums, 2.0 / jnp.square(n)))))  # a group of one: 2 S / n^2
+        other = tuple(jnp.flip(v, 1) for v in sums)
+        cross = expand(_x_scale(other, -2.0 / (n[:, :1] * n[:, 1:])))
+        target = expand(_x_scale(tuple(v[:, None] for v in cx), -2.0 * sign / n))
+        stacked = tuple(jnp.stack([p, jnp.broadcast_to(q, p.shape), jnp.broadcast_to(r, p.shape)],
+                                  -1) for p, q, r in zip(own, cross, target))
+        dy = _x_sum(stacked, -1, log_space)  # [B, 2, N]
+        d_c = _x_float(_x_sum(tuple(jnp.concatenate([u, v[:, None]], -1) for u, v in zip(
+            _x_scale(sums, -2.0 * sign / n), _x_scale(cx, 2.0))), -1, log_space), log_space)
+    else:  # d/dy_a = 2 D sign_G / n_G, d/dc = -2 D
+        dy = tuple(jnp.broadcast_to(v[:, None, None], members[0].shape) for v in d)
+        dy = _x_scale(dy, (2.0 * sign / n)[..., None])
+        d_c = _x_float(_x_scale(d, -2.0), log_space)
+    d_h = _x_float(tuple(v.reshape(b, 2 * width) for v in dy), log_space,
+                   None if name == "reverse_kl" else log_slope).reshape(b, 2, width)
+    return loss, jnp.concatenate([d_h[:, 0, :k_w], d_h[:, 1, :k_l]], -1), d_c
+
+
+def _mipo_correction(name, h_w, h_l, valid_w, valid_l, c, power):
+    """var_w / K + var_l / L (0 for a group of one), the unbiased estimator's correction, as
+    S^2/n^2 - U/(n (n - 1)) per group of the shifted rewards (a metric: no gradient)."""
+    log_space = name in ("forward_kl", "alpha")
+    k_w = h_w.shape[-1]
+    members, _ = _mipo_members(name, jnp.concatenate([h_w, h_l], -1),
+                               jnp.concatenate([valid_w, valid_l], -1), power)
+    total = 0.0
+    for part, valid in ((slice(0, k_w), valid_w), (slice(k_w, None), valid_l)):
+        x = tuple(v[:, part] for v in members)
+        n = jnp.sum(valid, -1).astype(jnp.float32)
+        loo, s = _x_leave_one_out(x, log_space)
+        u = _x_sum(_x_mul(x, loo), -1, log_space)
+        terms = (_x_scale(_x_mul(s, s), 1.0 / jnp.square(jnp.maximum(n, 1.0))),
+                 _x_scale(u, -1.0 / (n * jnp.maximum(n - 1.0, 1.0))))
+        var = _x_float(_x_sum(tuple(jnp.stack(v, -1) for v in zip(*terms)), -1, log_space),
+                       log_space)
+        total = total + jnp.where(n >= 2.0, var, 0.0)
+    return total
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _mipo(name, unbiased, h_w, h_l, valid_w, valid_l, c, power):
+    """mIPO per example [B] on sanitised groups (`_group_inputs`; valid_* boolean).
+
+    The derivative is written out (`_mipo_parts`): d loss / d y_a as one sum of extended
+    numbers (leave-one-out sums that never cancel, `_x_leave_one_out`), times
+    g'(h_a), so it is finite wherever the true one is; the target c = 1/(2 tau) gets its
+    derivative too, power none.
+    """
+    return _mipo_parts(name, unbiased, h_w, h_l, valid_w, valid_l, c, power, grads=False)[0]
+
+
+@_mipo.defjvp
+def _mipo_jvp(name, unbiased, primals, tangents):
+    h_w, h_l = primals[:2]
+    d_w, d_l, _, _, d_c, _ = tangents
+    loss, d_h, dc = _mipo_parts(name, unbiased, *primals, grads=True)
+    k = h_w.shape[-1]
+    tangent = jnp.sum(d_h[:, :k] * d_w, -1) + jnp.sum(d_h[:, k:] * d_l, -1) + dc * d_c
+    return loss, tangent
 
 
 def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Array,
@@ -230,23 +423,16 @@ def mipo_loss_with_metrics(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: f
             f"(Proposition 1), got chosen_h {jnp.shape(chosen_h)} and rejected_h "
             f"{jnp.shape(rejected_h)}; use unbiased=False for single samples (IPO)")
     div = get_divergence(divergence, alpha=alpha)
-    empty, cm, rm = _safe_masks(chosen_mask, rejected_mask)
-    c = 0.5 / as_float32(tau)  # target margin 1/(2 tau)
-    gw, lw = _member_values(div, chosen_h, chosen_mask)
-    gl, ll = _member_values(div, rejected_h, rejected_mask)
-    # Common per-row scale s >= max(1, c, |f'(u)|): every square below stays <= ~4 in float32,
-    # and the result is s^2 times a homogeneous quadratic, so it is inf only on true overflow.
-    log_s = jnp.maximum(_row_log_scale(gw, lw, cm, 0.0), _row_log_scale(gl, ll, rm, 0.0))
-    log_s = jnp.maximum(log_s, jax.lax.stop_gradient(jnp.log(jnp.maximum(c, 1e-30))))
-    mean_w, var_w, n_w = _scaled_stats(gw, lw, cm, log_s)
-    mean_l, var_l, n_l = _scaled_stats(gl, ll, rm, log_s)
-    scale = jnp.exp(-log_s)
-    plain = jnp.square(mean_w - mean_l - c * scale)  # thesis' mIPO, divided by s^2
-    correction = var_w / jnp.maximum(n_w, 1.0) + var_l / jnp.maximum(n_l, 1.0)  # Prop. 1
-    scaled = plain - correction if unbiased else plain
-    loss = jnp.where(empty, 0.0, _unscale(scaled, log_s))
-    correction = (jnp.where(empty | (correction == 0.0), 0.0, _unscale(correction, log_s))
-                  if unbiased else jnp.zeros_like(loss))
+    empty, h_w, h_l, valid_w, valid_l = _group_inputs(chosen_h, rejected_h, chosen_mask,
+                                                      rejected_mask)
+    c = jnp.broadcast_to(0.5 / as_float32(tau), jnp.shape(empty))  # target margin 1/(2 tau)
+    power = jax.lax.stop_gradient(as_float32(0.0 if div.power is None else div.power))
+    loss = jnp.where(empty, 0.0, _mipo(div.name, unbiased, h_w, h_l, valid_w, valid_l, c, power))
+    correction = jnp.zeros_like(loss)
+    if unbiased:  # var_w/K + var_l/L, a metric (no gradient)
+        args = jax.lax.stop_gradient((h_w, h_l, c, power))
+        correction = jnp.where(empty, 0.0, _mipo_correction(div.name, args[0], args[1], valid_w,
+                                                             valid_l, args[2], args[3]))
     single = (jnp.sum(chosen_mask, -1) == 1).astype(jnp.int32) + (jnp.sum(rejected_mask, -1) == 1)
     metrics = {
         "num_uncorrected_groups": jnp.sum(jnp.where(empty, 0, single)).astype(jnp.int32),
@@ -272,6 +458,18 @@ def mipo_loss(chosen_h: jax.Array, rejected_h: jax.Array, *, tau: float | jax.Ar
 
     A group with one valid member gets no correction; an example with an empty group gives 0
     (see the module docstring and `mipo_loss_with_metrics`).
+
+    Unbounded below on a fixed data set: a policy that can fit individual responses lowers the
+    unbiased loss without limit by spreading the members of a group apart (their mean, and
+    with it the first term, unchanged; the subtracted variance growing), so minimising it on
+    a fixed data set diverges (tests/test_multisample_theory.py follows gradient descent on a
+    10-arm policy down). The NLL term (`group_nll_loss`), early stopping or parameters shared
+    across responses keep it in check; `unbiased=False` is >= 0.
+
+    Numerics: the loss is formed as U-statistics of the implicit rewards shifted by the median
+    member (no square of a member, so nothing cancels between the square and the variances;
+    alpha -> 0 exact), value and gradient finite wherever the true ones are and inf only
+    beyond float32, the gradient written out. tau gets a gradient, alpha does not.
 
     Args:
       chosen_h: [B, K] log-ratios of the preferred group (any float dtype; computed in f32).

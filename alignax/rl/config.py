@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from alignax.models.remat import check_remat
 from alignax.rl.advantages import GROUP_BASELINES
 from alignax.rl.kl_control import KLControllerConfig
 from alignax.rl.penalties import PenaltyConfig
@@ -80,7 +81,8 @@ class PPOConfig:
       grad_accum_steps: micro-batches per minibatch (same gradient, less memory).
       chunk_size, vocab_chunk_size: `chunked_token_logprobs` blocks.
       compute_dtype: "float32" or "bfloat16" activations; log-probs and losses are float32.
-      remat: None, "full" or "dots": rematerialise the forward pass in the backward pass.
+      remat: a policy of `alignax.models.remat.REMAT_POLICIES` (None, "dots", "full",
+        "offload"): per-layer rematerialisation of the policy's and the critic's layers.
     """
 
     penalty: PenaltyConfig = PenaltyConfig()
@@ -108,10 +110,13 @@ class PPOConfig:
         for name, value, allowed in (
                 ("advantage", self.advantage, ADVANTAGES),
                 ("reward_normalization", self.reward_normalization, REWARD_NORMALIZATIONS),
-                ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES),
-                ("remat", self.remat, (None, "full", "dots"))):
+                ("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)):
             if value not in allowed:
                 raise ValueError(f"PPOConfig.{name} must be one of {allowed}, got {value!r}")
+        try:
+            check_remat(self.remat)
+        except ValueError as error:
+            raise ValueError(f"PPOConfig.{error}") from None
         if self.advantage != "gae" and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"PPOConfig.advantage={self.advantage!r} needs groups: set "
                              f"rollout.samples_per_prompt >= 2")

@@ -27,11 +27,13 @@ from alignax.models.causal_lm import CausalLM
 from alignax.models.config import ModelConfig
 from alignax.models.registry import FAMILY_CLASSES
 from alignax.models.reward import RewardModel
+from alignax.training.state import TrainedParam
 
 
-def _value_param(kernel: jax.Array) -> nnx.Param:
-    """A [D, 1] value-head kernel with logical axes ("embed", None), as the reward heads."""
-    return nnx.Param(kernel, out_sharding=("embed", None), eager_sharding=False)
+def _value_param(kernel: jax.Array) -> TrainedParam:
+    """A [D, 1] value-head kernel with logical axes ("embed", None), as the reward heads; a
+    `TrainedParam`, so it trains also when the policy / critic train LoRA adapters."""
+    return TrainedParam(kernel, out_sharding=("embed", None), eager_sharding=False)
 
 
 def _copy_arrays(module: nnx.Module) -> nnx.Module:
@@ -77,6 +79,9 @@ class Critic(nnx.Module):
             raise ValueError(f"a critic starts from a one-head reward model, this one has "
                              f"{reward_model.num_heads} heads")
         copy = _copy_arrays(reward_model)
+        if copy.score.bias is not None or copy.score.lora is not None:
+            raise ValueError("a critic starts from a reward model whose score head is a plain "
+                             "[D, 1] kernel (no bias; merge() its LoRA adapters first)")
         return cls(copy.backbone, ValueHead(copy.score.kernel[...]))
 
     @classmethod
@@ -98,8 +103,9 @@ class Critic(nnx.Module):
                    ValueHead.zeros(policy.arch.hidden_size, param_dtype=policy.param_dtype))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 positions: jax.Array | None = None) -> jax.Array:
-        return self.head(self.backbone.hidden_states(input_ids, attention_mask, positions))
+                 positions: jax.Array | None = None, *, remat: str | None = None) -> jax.Array:
+        return self.head(self.backbone.hidden_states(input_ids, attention_mask, positions,
+                                                     remat=remat))
 
 
 class ActorCritic(nnx.Module):
@@ -117,12 +123,13 @@ class ActorCritic(nnx.Module):
         self.policy = policy
         self.critic = critic
 
-    def forward(self, input_ids: jax.Array, attention_mask: jax.Array
-                ) -> tuple[jax.Array, jax.Array | None]:
-        """[B, T] tokens -> (policy hidden states [B, T, D], values [B, T] or None)."""
-        hidden = self.policy.hidden_states(input_ids, attention_mask)
+    def forward(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                remat: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """[B, T] tokens -> (policy hidden states [B, T, D], values [B, T] or None); `remat`:
+        per-layer rematerialisation (`alignax.models.remat`) of both backbones."""
+        hidden = self.policy.hidden_states(input_ids, attention_mask, remat=remat)
         if isinstance(self.critic, ValueHead):
             return hidden, self.critic(hidden)
         if isinstance(self.critic, Critic):
-            return hidden, self.critic(input_ids, attention_mask)
+            return hidden, self.critic(input_ids, attention_mask, remat=remat)
         return hidden, None

@@ -39,7 +39,8 @@ def response_columns(x: jax.Array, prompt_length: int, num_tokens: int) -> jax.A
 
 
 def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperature: float,
-                    chunk_size: int, vocab_chunk_size: int | None, entropy: bool = True
+                    chunk_size: int, vocab_chunk_size: int | None, entropy: bool = True,
+                    remat: str | None = None
                     ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Per-token log-probs, entropies and values of the policy on the batch's responses.
 
@@ -50,6 +51,7 @@ def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperat
       temperature: the sampling temperature (the policy is softmax(logits / temperature)).
       chunk_size, vocab_chunk_size: `chunked_token_logprobs` blocks.
       entropy: also compute each position's entropy (None otherwise).
+      remat: per-layer rematerialisation of the forward (`alignax.models.remat`).
 
     Returns:
       (logps [B, N], entropies [B, N] or None, values [B, N] or None without a critic),
@@ -59,7 +61,7 @@ def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperat
                                  batch["response_ids"].shape[1])
     ids, mask = sequences(batch["prompt_input_ids"], batch["prompt_attention_mask"],
                           batch["response_ids"], batch["response_mask"])
-    hidden, values = model.forward(ids, mask)  # [B, P + N, D], [B, P + N]
+    hidden, values = model.forward(ids, mask, remat=remat)  # [B, P + N, D], [B, P + N]
     hidden = response_columns(hidden, prompt_length, num_tokens)  # [B, N, D]
     if temperature != 1.0:
         hidden = hidden.astype(jnp.float32) / temperature  # logits / tau
@@ -73,13 +75,16 @@ def score_responses(model: ActorCritic, batch: dict[str, jax.Array], *, temperat
 
 
 def reference_logprobs(policy, batch: dict[str, jax.Array], *, temperature: float,
-                       chunk_size: int, vocab_chunk_size: int | None) -> jax.Array:
-    """[B, N] per-token log-probs of the responses under a bare causal LM (the reference)."""
+                       chunk_size: int, vocab_chunk_size: int | None,
+                       adapters: bool = True) -> jax.Array:
+    """[B, N] per-token log-probs of the responses under a bare causal LM (the reference;
+    adapters=False: a LoRA policy's base model)."""
     prompt_length, num_tokens = (batch["prompt_input_ids"].shape[1],
                                  batch["response_ids"].shape[1])
     ids, mask = sequences(batch["prompt_input_ids"], batch["prompt_attention_mask"],
                           batch["response_ids"], batch["response_mask"])
-    hidden = response_columns(policy.hidden_states(ids, mask), prompt_length, num_tokens)
+    hidden = response_columns(policy.hidden_states(ids, mask, adapters=adapters),
+                              prompt_length, num_tokens)
     if temperature != 1.0:
         hidden = hidden.astype(jnp.float32) / temperature
     return chunked_token_logprobs(hidden, policy.unembedding(), batch["response_ids"],
@@ -121,7 +126,10 @@ def make_score(graphdef: nnx.GraphDef, rest: Any, policy_graphdef: nnx.GraphDef,
                policy_rest: Any, *, config: PPOConfig, mesh: Mesh, param_shardings: Any,
                reference_shardings: Any, max_traces: int | None = None) -> Callable:
     """`score(params, reference_params, batch) -> {"old_logps", "ref_logps", "old_values"}`,
-    each [B, N] float32 and 0 off the response mask (values 0 without a critic)."""
+    each [B, N] float32 and 0 off the response mask (values 0 without a critic).
+
+    A LoRA policy (`reference_shardings` None) is its own reference with the adapters off:
+    reference_params is then None."""
     dtype = jnp.dtype(config.compute_dtype)
     blocks = dict(temperature=config.rollout.temperature, chunk_size=config.chunk_size,
                   vocab_chunk_size=config.vocab_chunk_size)
@@ -129,9 +137,12 @@ def make_score(graphdef: nnx.GraphDef, rest: Any, policy_graphdef: nnx.GraphDef,
     def fn(params, reference_params, batch):
         model = nnx.merge(graphdef, cast_floating(params, dtype), rest)
         logps, _, values = score_responses(model, batch, entropy=False, **blocks)
-        reference = nnx.merge(policy_graphdef, cast_floating(reference_params, dtype),
-                              policy_rest)
-        ref_logps = reference_logprobs(reference, batch, **blocks)
+        if reference_params is None:  # a LoRA policy: the base model is the reference
+            ref_logps = reference_logprobs(model.policy, batch, adapters=False, **blocks)
+        else:
+            reference = nnx.merge(policy_graphdef, cast_floating(reference_params, dtype),
+                                  policy_rest)
+            ref_logps = reference_logprobs(reference, batch, **blocks)
         mask = batch["response_mask"]
         values = jnp.zeros_like(logps) if values is None else values
         return {"old_logps": jnp.where(mask, logps, 0.0),

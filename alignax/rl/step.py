@@ -33,7 +33,6 @@ from alignax.rl.penalties import divergence_estimate, loss_penalty, reward_penal
 from alignax.rl.rollout import UPDATE_KEY, score_responses
 from alignax.training.mesh import batch_sharding, replicated
 from alignax.training.state import TrainState, cast_floating
-from alignax.models.remat import REMAT_POLICIES
 
 ROLLOUT_COLUMNS = ("prompt_input_ids", "prompt_attention_mask", "response_ids", "response_mask",
                    "old_logps", "ref_logps", "old_values", "scores")
@@ -174,10 +173,8 @@ def make_ppo_update(graphdef: nnx.GraphDef, model_state: Any,
 
     def forward(params, rows):
         compute = cast_floating(params, dtype)
-        return score_responses(nnx.merge(graphdef, compute, model_state), rows, **blocks)
-
-    if config.remat is not None:
-        forward = jax.checkpoint(forward, policy=REMAT_POLICIES[config.remat])
+        return score_responses(nnx.merge(graphdef, compute, model_state), rows,
+                               remat=config.remat, **blocks)  # per-layer remat
 
     def loss_fn(params, rows, kl_coef, num_tokens, num_responses):
         """The minibatch loss restricted to `rows`; sums / the minibatch's denominators."""

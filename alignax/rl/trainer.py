@@ -6,7 +6,9 @@
     state, metrics = trainer.iteration(state, prompt_ids, prompt_mask)  # rollout, score, update
 
 The reference policy is the initial policy: its arrays are the model's own (never donated),
-and the trainable parameters start as a copy of them.
+and the trainable parameters start as a copy of them. A LoRA policy (`alignax.models.lora`)
+trains its adapters (and the value head; a critic backbone trains its own adapters if it has
+any) and its reference is the same policy with the adapters off: no copy of the weights.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from alignax.rl.models import ActorCritic
 from alignax.rl.rollout import make_generate, make_score
 from alignax.rl.step import PPOState, make_ppo_update
 from alignax.training.mesh import batch_sharding, replicated
-from alignax.training.state import (OptimizerConfig, TrainState, make_optimizer, split_model,
-                                    state_shardings)
+from alignax.models.lora import adapted_projections
+from alignax.training.state import (OptimizerConfig, TrainState, has_adapters, make_optimizer,
+                                    split_model, state_shardings)
 
 PHASES = ("generate", "score", "reward", "update")
 """The timed phases of an iteration (`PPOTrainer.iteration` reports time/<phase>)."""
@@ -47,23 +50,6 @@ def make_ppo_optimizer(policy: OptimizerConfig, critic: OptimizerConfig | None =
         return jax.tree_util.tree_map_with_path(lambda path, _: path[0].key, params)
 
     return optax.multi_transform({"policy": policy_tx, "critic": critic_tx}, labels), schedule
-
-
-def train_state_shardings(params, optimizer: optax.GradientTransformation,
-                          mesh: Mesh) -> TrainState:
-    """`alignax.training.state.state_shardings` for optimizers that mask parts of the params
-    (`optax.multi_transform`, as `make_ppo_optimizer` builds): the masked placeholders of each
-    group's state stay placeholders, everything else follows its parameter."""
-    plain = state_shardings(params, optax.identity(), mesh)  # params' shardings, via state.py
-
-    def masked(x):
-        return isinstance(x, optax.MaskedNode)
-
-    opt_state = optax.tree_map_params(
-        optimizer, lambda value, sharding: value if masked(value) else sharding,
-        jax.eval_shape(optimizer.init, params), plain.params,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
-    return TrainState(params=plain.params, opt_state=opt_state, step=plain.step, key=plain.key)
 
 
 class PPOTrainer:
@@ -87,12 +73,21 @@ class PPOTrainer:
             raise TypeError(f"model must be an ActorCritic, got {type(model).__name__}")
         self.config, self.mesh, self.reward = config, mesh, reward
         self.graphdef, self._initial_params, self.rest = split_model(model)
-        self.reference_params = self._initial_params["policy"]  # never donated
+        lora = has_adapters(model.policy)
+        dropouts = sorted({d.lora.dropout for _, d in adapted_projections(model) if
+                           d.lora.dropout})
+        if dropouts:
+            raise ValueError(f"PPO scores rollouts and updates with the same forward: LoRA "
+                             f"dropout {dropouts} would make the ratio of a fresh rollout "
+                             f"differ from 1; use dropout=0")
+        # the frozen reference: the initial policy (never donated), or under LoRA the base
+        # model, i.e. the policy with its adapters off (no parameters of its own)
+        self.reference_params = None if lora else self._initial_params["policy"]
         policy_graphdef, _, policy_rest = split_model(model.policy)
         self.optimizer, self.schedule = optimizer
         scalar = replicated(mesh)
         self.state_shardings = PPOState(
-            train=train_state_shardings(self._initial_params, self.optimizer, mesh),
+            train=state_shardings(self._initial_params, self.optimizer, mesh),
             iteration=scalar, kl_coef=scalar, reward_moments=scalar)
         train = self.state_shardings.train
         self._generate = make_generate(policy_graphdef, policy_rest, config=config, mesh=mesh,
@@ -100,7 +95,7 @@ class PPOTrainer:
                                        max_traces=max_traces)
         self._score = make_score(self.graphdef, self.rest, policy_graphdef, policy_rest,
                                  config=config, mesh=mesh, param_shardings=train.params,
-                                 reference_shardings=train.params["policy"],
+                                 reference_shardings=None if lora else train.params["policy"],
                                  max_traces=max_traces)
         self._update = make_ppo_update(self.graphdef, self.rest, self.optimizer, self.schedule,
                                        config=config, mesh=mesh,

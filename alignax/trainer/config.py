@@ -36,6 +36,7 @@ from alignax.data.tokenize import TRUNCATIONS
 from alignax.objectives import (DPO, OBJECTIVES, Objective, objective_from_config,
                                 objective_to_config)
 from alignax.training.state import SCHEDULES as LR_SCHEDULES
+from alignax.models.lora import LoRAConfig
 from alignax.models.remat import REMAT_POLICIES
 
 TINY = "tiny"
@@ -105,6 +106,14 @@ class ModelConfig:
         (`RewardEnsemble`, one vmapped forward, [B, M] scores).
       seed: initialises "tiny" models and new reward heads.
       revision: the hub revision (branch, tag or commit) of a hub id.
+      lora_rank: None (train every weight) or r: train only LoRA adapters of rank r
+        (`alignax.models.lora`); the base weights are frozen and are the reference of
+        DPO-family objectives (the model with its adapters off, no second copy).
+      lora_alpha: the adapters' alpha (update scaled by alpha / r); None: 2 r (the seeds'
+        r = 64, alpha = 128).
+      lora_dropout: dropout on the adapters' input, in [0, 1).
+      lora_targets: projections to adapt (q, k, v, o, gate, up, down, score); None: every
+        projection of the family, and the score head of a reward model.
     """
 
     path: str = TINY
@@ -117,6 +126,10 @@ class ModelConfig:
     ensemble: int | None = None
     seed: int = 0
     revision: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None
 
     def __post_init__(self):
         _choice("ModelConfig", "family", self.family, FAMILIES)
@@ -129,6 +142,40 @@ class ModelConfig:
         if self.pad_token is not None and not (isinstance(self.pad_token, str) and self.pad_token):
             raise ValueError(f"ModelConfig.pad_token must be a non-empty string or None, got "
                              f"{self.pad_token!r}")
+        _positive_int("ModelConfig", "lora_rank", self.lora_rank, optional=True)
+        if self.lora_rank is None:
+            given = [f"lora_{n}" for n, default in (("alpha", None), ("dropout", 0.0),
+                                                    ("targets", None))
+                     if getattr(self, f"lora_{n}") != default]
+            if given:
+                raise ValueError(f"ModelConfig.{given[0]} is set but lora_rank is None: set "
+                                 "lora_rank to train LoRA adapters")
+            return
+        if self.reference is not None:
+            raise ValueError("ModelConfig.reference: a LoRA run's reference is its base model "
+                             "(adapters off); leave reference None or lora_rank None")
+        for name in ("lora_alpha", "lora_dropout"):
+            value = getattr(self, name)
+            if value is not None and not _is_number(value):
+                raise TypeError(f"ModelConfig.{name} must be a number, got {value!r}")
+        if self.lora_targets is not None:
+            if isinstance(self.lora_targets, str):
+                raise TypeError(f"ModelConfig.lora_targets must be a tuple of names, got "
+                                f"{self.lora_targets!r}")
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        try:
+            self.lora_config(targets=self.lora_targets or ("q",))
+        except ValueError as error:
+            raise ValueError(f"ModelConfig.lora_*: {error}") from None
+
+    def lora_config(self, *, targets: tuple[str, ...]) -> LoRAConfig | None:
+        """The LoRAConfig of this model (None without lora_rank), with `targets` when
+        lora_targets is None."""
+        if self.lora_rank is None:
+            return None
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else float(self.lora_alpha)
+        return LoRAConfig(rank=self.lora_rank, alpha=alpha, dropout=float(self.lora_dropout),
+                          targets=tuple(self.lora_targets or targets))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +434,9 @@ class RunConfig:
         if reward and self.train.share_prompt:
             raise ValueError(f"TrainConfig.share_prompt packs responses for log-prob "
                              f"objectives; {self.objective.name} trains a reward model")
+        if not reward and "score" in (self.model.lora_targets or ()):
+            raise ValueError(f"ModelConfig.lora_targets: 'score' is a reward model's head; "
+                             f"{self.objective.name} trains a causal LM")
 
     @property
     def share_prompt(self) -> bool:

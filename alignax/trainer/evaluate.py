@@ -39,14 +39,15 @@ from flax import nnx
 import alignax.eval as ev
 from alignax.metrics.calibration import sampled_ece, top_label_ece
 from alignax.models import load_reward_model
+from alignax.models.lora import without_adapters
 from alignax.objectives.registry import (PAIR_ROLES, REWARD_MODEL, UNLABELED_ROLES,
                                          ObjectiveInputs, Scores, group_mean)
 from alignax.trainer.runs import Run
 from alignax.training.compatibility import check_batch
 from alignax.training.mesh import batch_sharding, replicated
-from alignax.training.state import cast_floating
-from alignax.training.step import (_side_column, packed_role_logprobs, response_token_counts,
-                                   role_logprobs, role_rewards)
+from alignax.training.state import cast_floating, has_adapters
+from alignax.training.step import (packed_role_logprobs, response_token_counts,
+                                   role_logprobs, role_rewards, side_columns)
 
 ECE_BINS = 10
 
@@ -87,18 +88,23 @@ class PreferenceEvaluator:
         share_prompt, dtype = run.share_prompt, jnp.dtype(train.compute_dtype)
         graphdef, objective = run.graphdef, self.objective
 
-        def scores_of(params, model_state, batch):
+        self.lora = has_adapters(run.params)  # the reference: the base model, adapters off
+
+        def scores_of(params, model_state, batch, adapters=True):
             model = nnx.merge(graphdef, cast_floating(params, dtype), model_state)
             if needs.model == REWARD_MODEL:
                 return role_rewards(model, batch, roles)
             score = packed_role_logprobs if share_prompt else role_logprobs
             return score(model, batch, roles, chunk_size=train.chunk_size,
-                         vocab_chunk_size=train.vocab_chunk_size)
+                         vocab_chunk_size=train.vocab_chunk_size, adapters=adapters)
 
         def evaluate(params, reference_params, model_state, batch, step):
             policy = scores_of(params, model_state, batch)
-            reference = (scores_of(reference_params, model_state, batch)
-                         if needs.reference else None)
+            reference = None
+            if needs.reference and self.lora:
+                reference = scores_of(params, model_state, batch, adapters=False)
+            elif needs.reference:
+                reference = scores_of(reference_params, model_state, batch)
             scores = {}
             for role in roles:
                 group_mask = batch.get(f"{role}_group_mask")
@@ -108,7 +114,7 @@ class PreferenceEvaluator:
                     h=None if reference is None else policy[role] - reference[role],
                     num_tokens=response_token_counts(batch, role),
                     group_mask=None if group_mask is None else group_mask.astype(bool))
-            columns = {k: v for k, v in batch.items() if _side_column(k)}
+            columns = side_columns(batch)
             key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
             loss, _ = objective(ObjectiveInputs(scores, columns, step, key))
             return {"loss": loss, "scores": scores, "columns": columns}
@@ -117,7 +123,7 @@ class PreferenceEvaluator:
 
     def __call__(self, params: Any, step: int, reference_params: Any = None) -> dict[str, float]:
         """Metrics of the policy `params` (and the frozen reference) at update `step`."""
-        if self.objective.needs.reference and reference_params is None:
+        if self.objective.needs.reference and reference_params is None and not self.lora:
             raise ValueError(f"{self.objective.name} needs the reference parameters")
         outputs = []
         for batch, rows in self.batches:
@@ -223,7 +229,9 @@ def generation_metrics(run: Run, params: Any, reference_params: Any) -> dict[str
         rm_scores = ev.reward_scores(load_reward_model(spec.reward_model), samples)
         scores["reward_model"] = rm_scores.reshape(-1, *rm_scores.shape[-2:]).mean(0)  # heads
     reference_logprobs = None
-    if sampling.from_policy and reference_params is not None:
+    if sampling.from_policy and has_adapters(params):  # the reference: the base model
+        reference_logprobs = ev.response_logprobs(without_adapters(policy), samples)
+    elif sampling.from_policy and reference_params is not None:
         reference_logprobs = ev.response_logprobs(run.model(reference_params), samples)
     per_prompt = ev.prompt_metrics(samples, scores=scores, reference_logprobs=reference_logprobs)
     return ev.summarize(per_prompt, seed=spec.seed)
@@ -277,7 +285,7 @@ def evaluate(config, *, model: Any = None, params: Any = None, tokenizer: Any = 
     state, shardings = create_train_state(run.params, optimizer,
                                           key=jax.random.PRNGKey(spec.seed), mesh=run.mesh)
     reference_params = None
-    if config.objective.needs.reference:
+    if config.objective.needs.reference and not has_adapters(run.params):
         reference_params = jax.device_put(
             run.params if run.reference_params is None else run.reference_params,
             shardings.params)

@@ -26,7 +26,7 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from alignax.models import RewardEnsemble, RewardModel
+from alignax.models.lora import add_lora, default_targets
 from alignax.models.partitioning import state_shardings as model_shardings
 from alignax.models.registry import FAMILY_CLASSES
 from alignax.models.config import ModelConfig as Architecture
@@ -47,19 +48,30 @@ from alignax.training.state import make_optimizer, split_model, state_shardings
 
 
 def abstract_model(config: RunConfig, hf_config, tokenizer) -> nnx.Module:
-    """The run's model with `jax.ShapeDtypeStruct` leaves (nothing allocated)."""
+    """The run's model (with its LoRA adapters) with `jax.ShapeDtypeStruct` leaves (nothing
+    allocated)."""
+    build = _constructor(config, hf_config, tokenizer)
+    model = nnx.eval_shape(build)
+    lora = config.model.lora_config(targets=default_targets(model))
+    if lora is None:
+        return model
+    return nnx.eval_shape(lambda: add_lora(build(), lora, rngs=nnx.Rngs(0)))
+
+
+def _constructor(config: RunConfig, hf_config, tokenizer) -> Callable[[], nnx.Module]:
+    """A function building the run's model without adapters."""
     spec = config.model
     hf = tiny_model_config(spec, tokenizer) if spec.path == TINY else hf_config
     if config.objective.needs.model != REWARD_MODEL:
         cls = FAMILY_CLASSES[Architecture.from_hf(hf).family]
-        return nnx.eval_shape(lambda: cls(hf, rngs=nnx.Rngs(0)))
+        return lambda: cls(hf, rngs=nnx.Rngs(0))
     heads = spec.num_heads
     if spec.path != TINY and is_reward_checkpoint(hf):
         heads = None if int(getattr(hf, "num_labels", 1)) == 1 else int(hf.num_labels)
     if spec.ensemble:
-        return nnx.eval_shape(lambda: RewardEnsemble.create(
-            hf, num_members=spec.ensemble, rngs=nnx.Rngs(0), num_heads=heads))
-    return nnx.eval_shape(lambda: RewardModel(hf, rngs=nnx.Rngs(0), num_heads=heads))
+        return lambda: RewardEnsemble.create(hf, num_members=spec.ensemble, rngs=nnx.Rngs(0),
+                                             num_heads=heads)
+    return lambda: RewardModel(hf, rngs=nnx.Rngs(0), num_heads=heads)
 
 
 def _with_shardings(tree, shardings):

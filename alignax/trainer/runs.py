@@ -44,7 +44,9 @@ from alignax.objectives.registry import REWARD_MODEL
 from alignax.trainer.config import (DEFAULT_TOKENIZER, TINY, DataConfig, ModelConfig,
                                     RunConfig, check_devices, config_difference,
                                     config_to_dict)
+from alignax.models.lora import add_lora, default_targets, merge
 from alignax.training import ConfigMismatchError, check_compatible, make_mesh, split_model
+from alignax.training.state import has_adapters
 from alignax.training.reference import tokenizer_hash, weights_hash
 
 log = logging.getLogger("alignax.trainer")
@@ -64,8 +66,10 @@ class Run:
       tokenizer: the transformers tokenizer.
       dataset, eval_dataset: the prepared training and held-out splits (None without one).
       graphdef, params, model_state: the model split by `split_model` (params: the initial
-        float32 weights on the mesh).
-      reference_params: the frozen reference's parameters (None when the objective uses none).
+        float32 weights on the mesh; under LoRA the adapters, the base weights being in
+        model_state).
+      reference_params: the frozen reference's parameters (None when the objective uses none,
+        and under LoRA, whose reference is the base model).
       saved_config: the JSON config written to run_dir/config.json (with the in-memory
         sources' fingerprints under "sources").
     """
@@ -402,9 +406,16 @@ def build_run(config: RunConfig, *, model: Any = None, params: Any = None, token
         if params is not None:
             _check_same_structure(params, split_model(model)[1], "params")
             nnx.update(model, params)
+    lora = config.model.lora_config(targets=default_targets(model))
+    if lora is not None:
+        add_lora(model, lora, rngs=nnx.Rngs(config.model.seed + 1), mesh=mesh)
     graphdef, initial, model_state = split_model(model)
     reference_params = None
-    if config.objective.needs.reference:
+    if has_adapters(initial):  # the reference is the base model: the adapters switched off
+        if reference is not None:
+            raise ValueError("reference=: a LoRA run's reference is its base model (the "
+                             "adapters switched off); pass no reference")
+    elif config.objective.needs.reference:
         if reference is not None:
             reference_params = _params_of(reference, "reference")
         elif config.model.reference is not None:
@@ -419,16 +430,20 @@ def build_run(config: RunConfig, *, model: Any = None, params: Any = None, token
 
 def export_model(run: Run, params: Any, path: pathlib.Path) -> pathlib.Path:
     """Writes the model with `params` and the tokenizer as HF safetensors to `path`:
-    a causal LM (`export_hf`), a reward model (`save_reward_model`), or each member of an
-    ensemble to path/member_<i>. The tokenizer goes next to every checkpoint."""
+    a causal LM (`export_hf`; under LoRA merged weights, and the PEFT adapter in
+    path/adapter), a reward model (`save_reward_model`, adapters merged), or each member of
+    an ensemble to path/member_<i>. The tokenizer goes next to every checkpoint."""
     from alignax.models import save_reward_model
     from alignax.training import export_hf
 
-    if run.config.objective.needs.model != REWARD_MODEL:
+    if run.config.objective.needs.model != REWARD_MODEL:  # LoRA: merged + path/adapter
         export_hf(run.graphdef, params, path, model_state=run.model_state)
         targets = [path]
     else:
-        model = jax.device_get(run.model(params))
+        model = run.model(params)
+        if has_adapters(model):  # HF reward checkpoints hold merged weights
+            model = merge(model)
+        model = jax.device_get(model)
         if isinstance(model, RewardEnsemble):
             targets = [path / f"member_{i}" for i in range(model.num_members)]
             for i, target in enumerate(targets):

@@ -37,7 +37,7 @@ from alignax.trainer.runs import EXPORT_DIR, Run, build_run, enable_compilation_
 from alignax.training import Checkpointer, MetricsLogger, TrainState
 from alignax.training import train as train_loop
 from alignax.training.loop import read_metrics
-from alignax.training.state import create_train_state, make_optimizer
+from alignax.training.state import create_train_state, has_adapters, make_optimizer
 from alignax.training.step import StepConfig, make_train_step
 
 log = logging.getLogger("alignax.trainer")
@@ -141,7 +141,8 @@ def make_step(run: Run, optimizer, schedule, shardings):
                              share_prompt=run.share_prompt)
     return make_train_step(run.graphdef, run.config.objective, optimizer, schedule,
                            mesh=run.mesh, state_shardings=shardings,
-                           model_state=run.model_state, config=step_config)
+                           model_state=run.model_state, config=step_config,
+                           reference="base" if has_adapters(run.params) else "model")
 
 
 def train(config: RunConfig, *, model: Any = None, params: Any = None, tokenizer: Any = None,
@@ -179,7 +180,8 @@ def train(config: RunConfig, *, model: Any = None, params: Any = None, tokenizer
     state, shardings = create_train_state(run.params, optimizer, key=jax.random.PRNGKey(spec.seed),
                                           mesh=run.mesh)
     reference_params = run.reference_params
-    if config.objective.needs.reference and reference_params is None:
+    lora = has_adapters(run.params)  # the reference: the base model, adapters off
+    if config.objective.needs.reference and reference_params is None and not lora:
         reference_params = jax.tree.map(jnp.copy, state.params)  # the initial policy, frozen
     elif reference_params is not None:
         reference_params = jax.device_put(reference_params, shardings.params)

@@ -36,6 +36,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from alignax.models import save_pretrained
+from alignax.models.lora import merge, save_adapter
+from alignax.training.state import has_adapters
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +386,17 @@ class Checkpointer:
                 f"position {read_back!r}, not the saved {data_state!r}")
 
 
+ADAPTER_DIR = "adapter"
+
+
 def export_hf(graphdef, params, path: str | pathlib.Path, model_state: Any = None) -> None:
     """Writes the policy as HF safetensors + config.json (`alignax.models.save_pretrained`).
+
+    A LoRA model is written with its adapters merged into the weights (W + (alpha/r) A B,
+    `alignax.models.lora.merge`), and its adapters alone as a PEFT adapter in
+    `path/adapter` (`save_adapter`; `peft.PeftModel.from_pretrained` loads it onto the base
+    model). The adapter is a subdirectory because transformers treats a directory holding
+    adapter_config.json as an adapter, not as a model.
 
     Raises:
       NonFiniteStateError: a parameter holds NaN or inf (nothing is written).
@@ -397,4 +408,7 @@ def export_hf(graphdef, params, path: str | pathlib.Path, model_state: Any = Non
     params = jax.device_get(params)
     model = nnx.merge(graphdef, params) if model_state is None else nnx.merge(graphdef, params,
                                                                                model_state)
+    if has_adapters(model):
+        save_adapter(model, pathlib.Path(path) / ADAPTER_DIR)
+        model = merge(model)
     save_pretrained(model, str(path))

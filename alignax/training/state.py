@@ -1,8 +1,10 @@
 """Train state (params, optimizer state, step, key) and the optax AdamW optimizer.
 
-The model is kept functional: `nnx.split(model, nnx.Param, ...)` gives a graph definition, the
-trainable float32 master parameters and the remaining (non-trainable) model state. Only the
-parameters live in the train state; the step re-merges them with the graph definition.
+The model is kept functional: `split_model` gives a graph definition, the trainable float32
+master parameters and the remaining (non-trainable) model state. Only the trainable parameters
+live in the train state (and have optimizer state); the step re-merges them with the graph
+definition. A model with LoRA adapters (`alignax.models.lora.add_lora`) trains its adapters
+only: the base weights (bf16 or float32) are frozen model state.
 """
 
 from __future__ import annotations
@@ -223,8 +225,28 @@ def make_optimizer(config: OptimizerConfig) -> tuple[optax.GradientTransformatio
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw), schedule
 
 
+class TrainedParam(nnx.Param):
+    """A parameter trained also when the model trains LoRA adapters: a new head that has no
+    pretrained value to adapt (PPO's value head)."""
+
+
+def has_adapters(model_or_params: Any) -> bool:
+    """Whether a model (or an nnx.State) holds LoRA adapters (`nnx.LoRAParam`)."""
+    if isinstance(model_or_params, nnx.Module):
+        model_or_params = nnx.state(model_or_params)
+    return any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(
+        model_or_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, trainable params, other model state) of an nnx model."""
+    """(graphdef, trainable params, other model state) of an nnx model.
+
+    The trainable parameters are the LoRA adapters (`nnx.LoRAParam`, float32) and any
+    `TrainedParam` when the model has adapters, else every `nnx.Param`; the frozen base
+    weights of an adapted model go to the model state with the non-parameter state.
+    """
+    if has_adapters(model):
+        return nnx.split(model, nnx.Any(nnx.LoRAParam, TrainedParam), ...)
     return nnx.split(model, nnx.Param, ...)
 
 
@@ -241,14 +263,20 @@ def state_shardings(params: nnx.State, optimizer: optax.GradientTransformation,
 
     Parameters keep the sharding they were created with (`alignax.models.create(mesh=...)`
     applies the logical partition rules); parameters without a mesh sharding are replicated.
-    Optimizer moments follow their parameter; scalars (counts) are replicated.
+    Optimizer moments follow their parameter; scalars (counts) are replicated. An optimizer
+    that masks parts of the parameters (`optax.multi_transform`, `optax.masked`) keeps its
+    `optax.MaskedNode` placeholders as they are.
     """
     param_shardings = jax.tree.map(lambda x: _param_sharding(x, mesh), params)
-    abstract_opt = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, P())
+
+    def masked(x):
+        return isinstance(x, optax.MaskedNode)
+
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated)
+        optimizer, lambda value, sharding: value if masked(value) else sharding,
+        jax.eval_shape(optimizer.init, params), param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated,
                       key=replicated)
 

@@ -27,7 +27,11 @@ from alignax.models.remat import check_remat
 from alignax.objectives.registry import REWARD_MODEL, Objective, ObjectiveInputs, Scores
 from alignax.training.compatibility import check_batch, check_compatible
 from alignax.training.mesh import BATCH_AXES, batch_sharding, replicated
-from alignax.training.state import TrainState, cast_floating
+from alignax.training.state import TrainState, cast_floating, has_adapters
+
+# The step's key stream for LoRA dropout (the objective draws from the step key itself).
+_DROPOUT_STREAM = 0x10A
+REFERENCES = ("model", "cached", "base")
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
@@ -55,7 +59,8 @@ class StepConfig:
 
 def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
                   chunk_size: int, vocab_chunk_size: int | None,
-                  remat: str | None = None) -> dict[str, jax.Array]:
+                  remat: str | None = None, adapters: bool = True,
+                  dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
     """Per-sequence log pi(response | prompt) of each role, in one concatenated forward pass.
 
     Args:
@@ -63,6 +68,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
       batch: holds f"{role}_input_ids", f"{role}_attention_mask", f"{role}_loss_mask", each
         [B, T_role] or grouped [B, K, T_role].
       roles: column prefixes to score.
+      remat, adapters, dropout_key: as `CausalLM.hidden_states` (adapters=False: the base
+        model of a LoRA model; dropout_key: LoRA dropout on).
 
     Returns:
       role -> [B] (or [B, K]) float32 summed response-token log-probs.
@@ -78,7 +85,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
             cols.append(jnp.pad(x, ((0, 0), (0, length - ids.shape[-1]))))  # right-pad to T
         rows.append(cols)
     ids, attention_mask, loss_mask = (jnp.concatenate(c, axis=0) for c in zip(*rows))  # [N, T]
-    hidden = model.hidden_states(ids, attention_mask=attention_mask, remat=remat)  # [N, T, D]
+    hidden = model.hidden_states(ids, attention_mask=attention_mask, remat=remat,
+                                 adapters=adapters, dropout_key=dropout_key)  # [N, T, D]
     targets, mask = next_token_targets(ids, loss_mask.astype(bool) & attention_mask.astype(bool))
     logps = chunked_sequence_logprobs(hidden, model.unembedding(), targets, mask,
                                       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
@@ -92,7 +100,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
 
 def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...],
                          *, chunk_size: int, vocab_chunk_size: int | None,
-                         remat: str | None = None) -> dict[str, jax.Array]:
+                         remat: str | None = None, adapters: bool = True,
+                         dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
     """`role_logprobs` from the batch's shared-prompt rows ("packed_*" columns).
 
     One forward pass over [B, L] packed rows (segment mask: each response reads the prompt
@@ -105,6 +114,7 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
         f"{role}_loss_mask" ([B, T] or [B, K, T]), whose presence and shape say which roles,
         with how many members, the packed rows hold (in sorted role order).
       roles: the roles to return.
+      remat, adapters, dropout_key: as `role_logprobs`.
 
     Returns:
       role -> [B] (or [B, K]) float32 summed response-token log-probs.
@@ -125,7 +135,8 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
                                  attention_mask=batch["packed_attention_mask"],
                                  positions=batch["packed_positions"],
                                  segment_ids=batch["packed_segment_ids"],
-                                 remat=remat)  # [B, L, D]
+                                 remat=remat, adapters=adapters,
+                                 dropout_key=dropout_key)  # [B, L, D]
     scored = jnp.take_along_axis(hidden, index.reshape(b, m * width, 1), axis=1)  # [B, M*R, D]
     logps = chunked_sequence_logprobs(
         scored.reshape(b * m, width, hidden.shape[-1]), model.unembedding(),
@@ -142,8 +153,10 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
 
 
 def role_rewards(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
-                 remat: str | None = None) -> dict[str, jax.Array]:
-    """A reward model's scores of each role's sequences, in one concatenated forward pass.
+                 remat: str | None = None,
+                 dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+    """A reward model's scores of each role's sequences, in one concatenated forward pass
+    (`dropout_key`: LoRA dropout on).
 
     Returns:
       role -> [B] float32 ([B, E] for an E-head model, [B, M] / [B, M, E] for an ensemble of
@@ -158,7 +171,7 @@ def role_rewards(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[st
         ids.append(jnp.pad(x.reshape(-1, x.shape[-1]), pad))  # [B(*K), T]
         masks.append(jnp.pad(m.reshape(-1, m.shape[-1]), pad))
     scores = model(jnp.concatenate(ids), attention_mask=jnp.concatenate(masks),
-                   remat=remat)  # [*heads, N]
+                   remat=remat, dropout_key=dropout_key)  # [*heads, N]
     heads = scores.ndim - 1
     out, start = {}, 0
     for role, lead in zip(roles, leads):
@@ -184,9 +197,11 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _side_column(name: str) -> bool:
-    """Columns handed to the objective as they are: bins and target rewards."""
-    return name == "bin" or name.endswith("_bin") or name.startswith("target_rewards_")
+def side_columns(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch columns handed to an objective as they are: bins ("bin", "<role>_bin") and
+    target rewards ("target_rewards_<i>", [B] or [B, E])."""
+    return {k: v for k, v in batch.items()
+            if k == "bin" or k.endswith("_bin") or k.startswith("target_rewards_")}
 
 
 class TrainStep:
@@ -286,10 +301,13 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
         base weights), a jit argument of every call.
       config: micro-batching, remat, compute dtype, chunk sizes, shared-prompt scoring.
       reference: "model" (frozen reference parameters passed as `reference_params`, same
-        layout as the policy parameters, recomputed every step) or "cached" (the batch
+        layout as the policy parameters, recomputed every step), "cached" (the batch
         carries f"{role}_reference_logps" [B] (grouped [B, K]), see
-        `alignax.training.reference`). Objectives without a reference (`Needs.reference`
-        False: SFT, the reward models) take reference_params=None either way.
+        `alignax.training.reference`) or "base" (a LoRA run: the reference is the same
+        model with its adapters switched off, `adapters=False`, so no second copy of the
+        weights exists; the only mode for an adapted model besides "cached").
+        Objectives without a reference (`Needs.reference` False: SFT, the reward models)
+        take reference_params=None in every mode.
       max_traces: if set, raise when the step is traced more often (`chex.assert_max_traces`).
 
     Returns:
@@ -304,10 +322,20 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
     Raises:
       TypeError: `objective` is not a registered objective config.
       ValueError: the objective does not fit the model, a bad reference mode, remat policy or
-        share_prompt with a reward-model objective.
+        share_prompt with a reward-model objective, reference="base" without LoRA adapters
+        or reference="model" with them.
     """
-    if reference not in ("model", "cached"):
-        raise ValueError(f"reference must be 'model' or 'cached', got {reference!r}")
+    if reference not in REFERENCES:
+        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+    adapted = has_adapters(state_shardings.params)
+    if reference == "base" and not adapted:
+        raise ValueError("reference='base' switches the LoRA adapters off, but the trained "
+                         "parameters hold none: add_lora(model, ...) before split_model, or "
+                         "use reference='model'")
+    if reference == "model" and adapted and objective.needs.reference:
+        raise ValueError("the model trains LoRA adapters: use reference='base' (the same "
+                         "model with its adapters off; no second copy of the weights) or "
+                         "'cached'")
     check_remat(config.remat)
     if config.grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}")
@@ -327,23 +355,28 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
             return nnx.merge(graphdef, compute_params)
         return nnx.merge(graphdef, compute_params, model_state)
 
-    def policy_logps(params, model_state, batch):
+    def policy_logps(params, model_state, batch, *, adapters=True, dropout_key=None):
         if needs.model == REWARD_MODEL:  # a reward model under training: its scores per role
-            return role_rewards(merged(params, model_state), batch, roles, remat=config.remat)
+            return role_rewards(merged(params, model_state), batch, roles, remat=config.remat,
+                                dropout_key=dropout_key)
         return score_roles(merged(params, model_state), batch, roles,
                            chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
-                           remat=config.remat)
+                           remat=config.remat, adapters=adapters, dropout_key=dropout_key)
 
-    def reference_logps(reference_params, model_state, batch):
+    def reference_logps(params, reference_params, model_state, batch):
         if not needs.reference:
             return None
         if reference == "cached":
             return {r: batch[f"{r}_reference_logps"].astype(jnp.float32) for r in roles}
+        if reference == "base":  # the policy's own weights with the adapters off
+            return jax.lax.stop_gradient(policy_logps(params, model_state, batch,
+                                                      adapters=False))
         return jax.lax.stop_gradient(policy_logps(reference_params, model_state, batch))
 
     def loss_fn(params, reference_params, model_state, batch, step, key):
-        policy = policy_logps(params, model_state, batch)
-        ref = reference_logps(reference_params, model_state, batch)
+        policy = policy_logps(params, model_state, batch,
+                              dropout_key=jax.random.fold_in(key, _DROPOUT_STREAM))
+        ref = reference_logps(params, reference_params, model_state, batch)
         scores = {}
         for role in roles:  # the log-ratios h = log pi_theta - log pi_ref, once
             group_mask = batch.get(f"{role}_group_mask")
@@ -352,7 +385,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                 h=None if ref is None else policy[role] - ref[role],
                 num_tokens=response_token_counts(batch, role),
                 group_mask=None if group_mask is None else group_mask.astype(bool))
-        columns = {k: v for k, v in batch.items() if _side_column(k)}
+        columns = side_columns(batch)
         per_example, metrics = objective(ObjectiveInputs(scores, columns, step, key))
         size = next(iter(policy.values())).shape[0]
         if per_example.shape != (size,):
