@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from alignax.models import create, tiny_config
 from alignax.objectives import BradleyTerry, CausalReward
 from alignax.schedules import Linear
 from alignax.trainer.cli import parse_config
-from experiments.causal_reward import SMOKE, Config, pipeline
+from experiments.causal_reward import PAPER, SMOKE, Config, pipeline
 from experiments.causal_reward.evaluation import left_pad, pairwise_accuracy
 from experiments.causal_reward.phases import reward_model_from_policy
 from experiments.causal_reward.studies import STUDIES, length_group
@@ -174,3 +175,11 @@ def test_cached_recomputes_under_another_fingerprint(tmp_path):
     assert pipeline.cached(path, {"k": 1}, compute) == {"x": 1}
     assert pipeline.cached(path, {"k": 2}, compute) == {"x": 2}
     assert len(calls) == 2
+
+
+def test_build_md_command_is_the_paper_config():
+    text = (pipeline.pathlib.Path(__file__).parents[1] / "BUILD.md").read_text(encoding="utf-8")
+    start = text.index("python -m experiments.causal_reward --run_dir runs/causal_reward_paper")
+    command = text[start:text.index("```", start)].replace("\\\n", " ")
+    args = shlex.split(command)[3:]
+    assert parse_config(Config, args) == dataclasses.replace(PAPER, lora_rank=0, lora_alpha=0.0)
