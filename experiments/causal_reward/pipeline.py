@@ -43,8 +43,11 @@ with the per-seed difference, its 95% t-interval and a verdict (reproduced / opp
 inconclusive), generated from the numbers.
 
 What the committed embedded run (`experiments/results/causal_reward/`, per-claim verdicts
-generated from the numbers) shows. Reproduced: the length study's CRM policies (both kinds) and
-Causal DPO give much shorter responses than the vanilla-RM policy and DPO; in the discrimination
+generated from the numbers) shows. Reproduced as stated: the length study's CRM policies (both
+kinds) and Causal DPO give much shorter responses than the vanilla-RM policy and DPO; but the
+CRM policies stay near the SFT policy's length and the CRMs rank the SFT samples by length much
+as the vanilla RM does (Figure 4.2 right), so this comes from the CRMs' shrunken reward scale
+(PPO barely moves the policy), not from a removed length preference. In the discrimination
 study the unconditional-CRM policy has lower explicit scores and decides as the merit says more
 often than the vanilla-RM policy, and Causal DPO avoids the collapse of DPO (whose decisions stop
 following the merit) with far lower explicit scores. Not reproduced (inconclusive at 3 seeds):
