@@ -31,10 +31,10 @@ from experiments.causal_reward.studies import STUDIES, length_group
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """SMOKE run of all four studies on one device (as the committed run): on the 8 simulated
-    devices of the test session the length study's DPO step aborts inside XLA (open)."""
-    config = dataclasses.replace(SMOKE, run_dir=str(tmp_path_factory.mktemp("causal") / "run"),
-                                 mesh=(1, 1, 1))
+    """SMOKE run of all four studies on the test session's 8 simulated devices (the default
+    mesh: data-parallel over all of them)."""
+    config = dataclasses.replace(SMOKE, run_dir=str(tmp_path_factory.mktemp("causal") / "run"))
+    assert jax.device_count() == 8 and config.mesh == (-1, 1, 1)
     summary = pipeline.run(config)
     return config, summary
 

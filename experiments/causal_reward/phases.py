@@ -124,6 +124,26 @@ def reward_model_from_policy(policy: nnx.Module, *, seed: int) -> RewardModel:
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
+def batch_tokens(dataset: PreferenceDataset, batch_size: int) -> int:
+    """The most positions a batch of `batch_size` records of `dataset` scores at once: every
+    response of every record at the longest bucket (the train step's `chunk_size`).
+
+    Why one chunk: with fewer positions per chunk than a batch holds, the log-probabilities
+    loop over chunks of the flattened, data-sharded [B*T] axis, and every iteration
+    all-gathers across the mesh inside an XLA while loop. XLA:CPU (jaxlib 0.10) runs that
+    while loop concurrently with independent collectives outside it (here a collective-permute
+    of the DPO step), each device in its own order, and every participant blocks a thread of
+    the shared pool in the in-process rendezvous: on a 2-core host with 8 simulated devices
+    the pool runs out, the rendezvous never completes and XLA aborts after its 40 s
+    termination timeout ("Termination timeout for `all gather ...`"). The length study's DPO
+    batch (16 rows x 80 positions > the default 1024) hit this; one chunk per batch has no
+    loop. The [positions, vocabulary chunk] logits block this allows is sharded over the
+    data axis.
+    """
+    responses = max(dataset.group_sizes.values()) if dataset.group_sizes else 2
+    return batch_size * responses * max(dataset.buckets)
+
+
 class Phases:
     """Runs a study's phases, sharing what compiled (module docstring)."""
 
@@ -133,8 +153,8 @@ class Phases:
         self._ppo: dict[tuple, PPOTrainer] = {}
 
     def _train_step(self, graphdef, params, rest, objective: Objective, steps: int,
-                    learning_rate: float):
-        key = (graphdef, objective, steps, learning_rate)
+                    learning_rate: float, chunk_size: int):
+        key = (graphdef, objective, steps, learning_rate, chunk_size)
         if key not in self._steps:
             optimizer, schedule = make_optimizer(OptimizerConfig(
                 learning_rate=learning_rate, schedule="cosine",
@@ -144,7 +164,8 @@ class Phases:
             step = make_train_step(graphdef, objective, optimizer, schedule,
                                    mesh=_mesh_of(params), state_shardings=shardings,
                                    model_state=rest,
-                                   config=StepConfig(compute_dtype=self.settings.compute_dtype))
+                                   config=StepConfig(compute_dtype=self.settings.compute_dtype,
+                                                     chunk_size=chunk_size))
             self._steps[key] = (optimizer, step)
         return self._steps[key]
 
@@ -168,7 +189,7 @@ class Phases:
         graphdef, params, rest = split_model(model)
         mesh = _mesh_of(params)
         optimizer, step = self._train_step(graphdef, params, rest, objective, steps,
-                                           learning_rate)
+                                           learning_rate, batch_tokens(dataset, batch_size))
         state, _ = create_train_state(jax.tree.map(jnp.copy, params), optimizer,
                                       key=jax.random.PRNGKey(seed), mesh=mesh)
         batches = dataset.batches(batch_size=batch_size, seed=seed)
