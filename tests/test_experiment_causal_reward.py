@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from alignax.data import default_tokenizer
+from alignax.data import default_tokenizer, prepare_dataset
 from alignax.models import create, tiny_config
 from alignax.objectives import BradleyTerry, CausalReward
 from alignax.schedules import Linear
 from alignax.trainer.cli import parse_config
 from experiments.causal_reward import PAPER, SMOKE, Config, pipeline
 from experiments.causal_reward.evaluation import left_pad, pairwise_accuracy
-from experiments.causal_reward.phases import reward_model_from_policy
+from experiments.causal_reward.phases import batch_tokens, reward_model_from_policy
 from experiments.causal_reward.studies import STUDIES, length_group
 
 
@@ -154,6 +154,18 @@ def test_reward_model_starts_from_the_policy_backbone():
         np.testing.assert_array_equal(np.asarray(value[...]), np.asarray(source[path][...]))
     head = np.asarray(rm.score.kernel[...])
     assert head.shape == (32, 1) and 0 < head.std() < 0.1
+
+
+def test_one_log_prob_chunk_covers_a_batch():
+    """The train step's chunk_size covers every scored position of a batch (more would loop
+    over chunks of the data-sharded axis: the XLA:CPU collective deadlock `batch_tokens`
+    avoids)."""
+    records = [dict(prompt="What is 2 + 2?", chosen=" It is four.",
+                    rejected=" It is five, I think.")] * 6
+    dataset = prepare_dataset(records, default_tokenizer(), max_length=40, buckets=(40,))
+    batch = next(dataset.batches(batch_size=4, seed=0))
+    scored = sum(batch[f"{role}_input_ids"].size for role in ("chosen", "rejected"))
+    assert scored == 4 * 2 * 40 == batch_tokens(dataset, 4)
 
 
 def test_pair_helpers_by_hand():

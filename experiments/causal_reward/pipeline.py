@@ -190,12 +190,14 @@ class Config:
 
 
 SMOKE = dataclasses.replace(
-    Config(), run_dir="runs/causal_reward_smoke", seeds=(0, 1), num_train=64, num_test=8,
+    Config(), run_dir="runs/causal_reward_smoke", seeds=(0,), num_train=64, num_test=8,
     hidden_size=32, num_layers=1,
     length_bins=3, lambdas=(1.0,), sft_steps=4, sft_batch_size=8, rm_steps=4, rm_batch_size=8,
-    ppo_iterations=2, ppo_batch_size=8, dpo_steps=2, dpo_batch_size=8, eval_samples=2,
-    length_penalties=(0.0, 0.01), save_every=2, progress=False, plots=False)
-"""Smoke size: every phase of every study runs, a few steps each (the test suite runs it)."""
+    ppo_iterations=1, ppo_batch_size=8, ppo_epochs=1, ppo_minibatches=1, dpo_steps=2,
+    dpo_batch_size=8, eval_samples=2, length_penalties=(0.0, 0.01), save_every=2,
+    progress=False, plots=False)
+"""Smoke size: every phase of every study runs, a few steps each, one seed (the test suite
+runs it)."""
 
 PAPER = dataclasses.replace(
     Config(), run_dir="runs/causal_reward_paper", model="meta-llama/Meta-Llama-3-8B",
