@@ -25,5 +25,6 @@ EXPERIMENTS: tuple[str, ...] = (
     "distill_length_bias",
     "multisample_numbers",
     "multisample_label_noise",
+    "causal_reward",
 )
 """Module names under `experiments`, each following the contract above."""

@@ -35,6 +35,10 @@
 # prompts whose 50 samples all carry the flag, Table 4.1's statistic), and the mean length per
 # reward rank among 50 candidates (Figure 4.2, right). Set `ALIGNAX_NOTEBOOK_SMALL=1` for the
 # CI size.
+#
+# The same comparison on language models (SFT, reward models, PPO, Causal DPO on the embedded
+# model, all four studies of the chapter) is `experiments.causal_reward`; its committed run,
+# with the claims it does and does not reproduce, is `experiments/results/causal_reward/`.
 
 # %%
 from __future__ import annotations

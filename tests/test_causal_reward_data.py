@@ -188,6 +188,8 @@ def test_sycophancy_metric_and_table():
     table = sycophancy.sycophancy_table({"vanilla": [90.0, 80.0], "conditional": [10.0]})
     assert "| Vanilla RM | 85.00 ± 63.53 (n=2) | 92.67 |" in table
     assert "| Conditional CRM | 10.00 (n=1) | 19.78 |" in table
+    table = sycophancy.sycophancy_table({"unconditional@3": [60.0], "sft": [5.0]})
+    assert table.index("| SFT |") < table.index("| Unconditional CRM (λ = 3) | 60.00 (n=1) | 62.64 |")
     with pytest.raises(ValueError, match="unknown models"):
         sycophancy.sycophancy_table({"ppo": [1.0]})
 
@@ -507,10 +509,15 @@ def test_discrim_eval_rows_table_and_figure(tmp_path):
                                [2.3, -1.8])
     fit = discrimination.DiscriminationFit(
         {}, {"gender": 0.01, "race": 0.02, "age": 0.03, "avg": 0.02}, "mixedlm", 10, 0.0, 1.0)
-    table = discrimination.discrimination_table({"vanilla": {"explicit": fit, "implicit": fit}})
-    assert ("| Vanilla RM | 0.010 (0.032) | 0.020 (0.016) | 0.030 (0.007) | 0.020 (0.018) | "
-            "0.010 (0.181) | 0.020 (0.230) | 0.030 (0.261) | 0.020 (0.224) | 0.020 (0.121) |"
-            ) in table
+    table = discrimination.discrimination_table({"vanilla": [{"explicit": fit, "implicit": fit}]})
+    assert ("| Vanilla RM | 0.010 (n=1) (0.032) | 0.020 (n=1) (0.016) | 0.030 (n=1) (0.007) | "
+            "0.020 (n=1) (0.018) | 0.010 (n=1) (0.181) | 0.020 (n=1) (0.230) | 0.030 (n=1) "
+            "(0.261) | 0.020 (n=1) (0.224) | 0.020 (n=1) (0.121) |") in table
+    table = discrimination.discrimination_table(
+        {"conditional@0.5": [{"explicit": fit, "implicit": fit}] * 2, "dpo": [
+            {"explicit": fit, "implicit": fit}]})
+    assert "| Conditional CRM (λ = 0.5) | 0.010 ± 0.000 (n=2) (0.008) |" in table
+    assert "| DPO | 0.010 (n=1) |" in table
     path = discrimination.plot_discrimination_figure(
         {"conditional": {0.1: {"explicit": 0.01, "implicit": 0.2, "win_rate": 48.0},
                          1.0: {"explicit": 0.02, "implicit": 0.1, "win_rate": 51.0}}},

@@ -52,23 +52,6 @@ def make_ppo_optimizer(policy: OptimizerConfig, critic: OptimizerConfig | None =
     return optax.multi_transform({"policy": policy_tx, "critic": critic_tx}, labels), schedule
 
 
-def train_state_shardings(params, optimizer: optax.GradientTransformation,
-                          mesh: Mesh) -> TrainState:
-    """`alignax.training.state.state_shardings` for optimizers that mask parts of the params
-    (`optax.multi_transform`, as `make_ppo_optimizer` builds): the masked placeholders of each
-    group's state stay placeholders, everything else follows its parameter."""
-    plain = state_shardings(params, optax.identity(), mesh)  # params' shardings, via state.py
-
-    def masked(x):
-        return isinstance(x, optax.MaskedNode)
-
-    opt_state = optax.tree_map_params(
-        optimizer, lambda value, sharding: value if masked(value) else sharding,
-        jax.eval_shape(optimizer.init, params), plain.params,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
-    return TrainState(params=plain.params, opt_state=opt_state, step=plain.step, key=plain.key)
-
-
 class PPOTrainer:
     """Builds and runs PPO's phases for one model, reward source and config.
 
@@ -104,7 +87,7 @@ class PPOTrainer:
         self.optimizer, self.schedule = optimizer
         scalar = replicated(mesh)
         self.state_shardings = PPOState(
-            train=train_state_shardings(self._initial_params, self.optimizer, mesh),
+            train=state_shardings(self._initial_params, self.optimizer, mesh),
             iteration=scalar, kl_coef=scalar, reward_moments=scalar)
         train = self.state_shardings.train
         self._generate = make_generate(policy_graphdef, policy_rest, config=config, mesh=mesh,

@@ -46,8 +46,8 @@ from alignax.trainer.runs import Run
 from alignax.training.compatibility import check_batch
 from alignax.training.mesh import batch_sharding, replicated
 from alignax.training.state import cast_floating, has_adapters
-from alignax.training.step import (_side_column, packed_role_logprobs, response_token_counts,
-                                   role_logprobs, role_rewards)
+from alignax.training.step import (packed_role_logprobs, response_token_counts,
+                                   role_logprobs, role_rewards, side_columns)
 
 ECE_BINS = 10
 
@@ -114,7 +114,7 @@ class PreferenceEvaluator:
                     h=None if reference is None else policy[role] - reference[role],
                     num_tokens=response_token_counts(batch, role),
                     group_mask=None if group_mask is None else group_mask.astype(bool))
-            columns = {k: v for k, v in batch.items() if _side_column(k)}
+            columns = side_columns(batch)
             key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
             loss, _ = objective(ObjectiveInputs(scores, columns, step, key))
             return {"loss": loss, "scores": scores, "columns": columns}

@@ -263,14 +263,20 @@ def state_shardings(params: nnx.State, optimizer: optax.GradientTransformation,
 
     Parameters keep the sharding they were created with (`alignax.models.create(mesh=...)`
     applies the logical partition rules); parameters without a mesh sharding are replicated.
-    Optimizer moments follow their parameter; scalars (counts) are replicated.
+    Optimizer moments follow their parameter; scalars (counts) are replicated. An optimizer
+    that masks parts of the parameters (`optax.multi_transform`, `optax.masked`) keeps its
+    `optax.MaskedNode` placeholders as they are.
     """
     param_shardings = jax.tree.map(lambda x: _param_sharding(x, mesh), params)
-    abstract_opt = jax.eval_shape(optimizer.init, params)
     replicated = NamedSharding(mesh, P())
+
+    def masked(x):
+        return isinstance(x, optax.MaskedNode)
+
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated)
+        optimizer, lambda value, sharding: value if masked(value) else sharding,
+        jax.eval_shape(optimizer.init, params), param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
     return TrainState(params=param_shardings, opt_state=opt_shardings, step=replicated,
                       key=replicated)
 

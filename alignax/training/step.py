@@ -255,9 +255,11 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def _side_column(name: str) -> bool:
-    """Columns handed to the objective as they are: bins and target rewards."""
-    return name == "bin" or name.endswith("_bin") or name.startswith("target_rewards_")
+def side_columns(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The batch columns handed to an objective as they are: bins ("bin", "<role>_bin") and
+    target rewards ("target_rewards_<i>", [B] or [B, E])."""
+    return {k: v for k, v in batch.items()
+            if k == "bin" or k.endswith("_bin") or k.startswith("target_rewards_")}
 
 
 class TrainStep:
@@ -441,7 +443,7 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                 h=None if ref is None else policy[role] - ref[role],
                 num_tokens=response_token_counts(batch, role),
                 group_mask=None if group_mask is None else group_mask.astype(bool))
-        columns = {k: v for k, v in batch.items() if _side_column(k)}
+        columns = side_columns(batch)
         per_example, metrics = objective(ObjectiveInputs(scores, columns, step, key))
         size = next(iter(policy.values())).shape[0]
         if per_example.shape != (size,):

@@ -1,4 +1,12 @@
-"""The causal-reward studies of thesis ch. 4: data builders and metrics.
+"""The causal-reward studies of thesis ch. 4 end to end: data, SFT, reward models (vanilla and
+causal), PPO and Causal DPO, and the chapter's metrics.
+
+    python -m experiments.causal_reward [--studies sycophancy,length,concept,discrimination]
+
+The study-module contract (`experiments`) is in `pipeline`: `Config` (the embedded default),
+`SMOKE`, `PAPER`, `run(config)`, `main(argv)`, re-exported here. The phases it runs are in
+`phases`, what it measures per study in `studies`, the shared measurement helpers in
+`evaluation`.
 
 Each study makes preference data with a known spurious variable Z, trains reward models three
 ways (vanilla Bradley-Terry, conditional and unconditional CRM: Bradley-Terry + lambda * binned
@@ -27,3 +35,7 @@ thesis' numbers.
     data = sycophancy.build_sycophancy(seed=0)
     paths = data.write("runs/causal_reward/sycophancy/data")
 """
+
+from experiments.causal_reward.pipeline import PAPER, SMOKE, Config, main, run
+
+__all__ = ["Config", "PAPER", "SMOKE", "main", "run"]

@@ -46,7 +46,8 @@ import numpy as np
 from alignax.data import load_records
 from alignax.metrics.bias import concept_bias_metrics
 from experiments.causal_reward.records import StudyData, hh_pair
-from experiments.causal_reward.tables import MODEL_NAMES, MODELS, format_interval, markdown_table
+from experiments.causal_reward.tables import (format_interval, markdown_table, ordered_keys,
+                                              row_label, split_row_key)
 
 INSTRUCTION = "Classify the text into negative, or positive"
 LABELS = ("negative", "positive")
@@ -257,28 +258,24 @@ def concept_metrics(responses: Sequence[str], records: Sequence[Mapping[str, Any
 
 def concept_table(results: Mapping[tuple[str, str], Mapping[str, Sequence[Mapping[str, float]]]]
                   ) -> str:
-    """Table 4.2's layout: one block per (dataset, concept), a row per reward model with our
+    """Table 4.2's layout: one block per (dataset, concept), a row per policy with our
     Acc@NoC / Acc@C / Bias@C (mean ± interval over seeds) next to the thesis' numbers.
 
     Args:
-      results: (dataset, concept) -> model -> one `concept_metrics` dict per seed; datasets
-        absent from the thesis (e.g. ("embedded", "acting")) get "-" as the thesis column.
+      results: (dataset, concept) -> policy key (`tables.row_key`) -> one `concept_metrics`
+        dict per seed; datasets absent from the thesis (e.g. ("embedded", "acting")) get "-"
+        as the thesis column.
     """
     blocks = []
     header = ["Model", "Acc@NoC", "thesis", "Acc@C", "thesis", "Bias@C", "thesis"]
     for (dataset, concept), by_model in results.items():
-        unknown = set(by_model) - set(MODEL_NAMES)
-        if unknown:
-            raise ValueError(f"unknown models {sorted(unknown)}; expected some of "
-                             f"{list(MODEL_NAMES)}")
         paper = PAPER_TABLE_4_2.get((dataset, concept), {})
         rows = []
-        for model in ("sft", *MODELS):
-            if model not in by_model:
-                continue
-            row = [MODEL_NAMES[model]]
-            for k, key in enumerate(METRIC_KEYS):
-                row += [format_interval([seed[key] for seed in by_model[model]]),
+        for key in ordered_keys(by_model):
+            model, _ = split_row_key(key)
+            row = [row_label(key)]
+            for k, metric in enumerate(METRIC_KEYS):
+                row += [format_interval([seed[metric] for seed in by_model[key]]),
                         f"{paper[model][k]:.2f}" if model in paper else "-"]
             rows.append(row)
         blocks.append(f"**{concept.capitalize()} ({dataset})**\n\n" + markdown_table(header, rows))

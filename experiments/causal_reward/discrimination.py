@@ -79,7 +79,8 @@ from alignax.data import load_records
 from alignax.data.bins import (KEYWORD_TABLES, demographic_bins, demographic_num_bins,
                                keyword_coverage, load_keyword_table)
 from experiments.causal_reward.records import StudyData, hh_pair, hh_prompt, hh_split, split_sizes
-from experiments.causal_reward.tables import MODEL_NAMES, MODELS, markdown_table
+from experiments.causal_reward.tables import (format_interval, markdown_table, ordered_keys,
+                                              row_label, split_row_key)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -464,33 +465,33 @@ def discrimination_fit(questions: Sequence[Mapping[str, Any]], decisions, *,
                              float(result.scale))
 
 
-def discrimination_table(fits: Mapping[str, Mapping[str, DiscriminationFit]]) -> str:
-    """Table 4.3's layout: per model, explicit and implicit gender / race / age / avg scores and
-    the overall avg, each next to the thesis' number.
+def discrimination_table(fits: Mapping[str, Sequence[Mapping[str, DiscriminationFit]]]) -> str:
+    """Table 4.3's layout: per policy, explicit and implicit gender / race / age / avg scores and
+    the overall avg (mean ± interval over seeds), each next to the thesis' number.
 
     Args:
-      fits: model ("sft", "vanilla", "conditional", "unconditional") -> {"explicit": fit,
-        "implicit": fit}.
+      fits: policy key (`tables.row_key`: "sft", "vanilla", "conditional@1", ...) -> one
+        {"explicit": fit, "implicit": fit} per seed.
     """
-    unknown = set(fits) - set(MODEL_NAMES)
-    if unknown:
-        raise ValueError(f"unknown models {sorted(unknown)}; expected some of {list(MODEL_NAMES)}")
     header = ["Model"] + [f"{style} {v}" for style in ("Explicit", "Implicit")
                           for v in ("Gender", "Race", "Age", "Avg")] + ["Overall Avg"]
     rows = []
-    for model in ("sft", *MODELS):
-        if model not in fits:
-            continue
-        paper = PAPER_TABLE_4_3[model]
-        row = [MODEL_NAMES[model]]
+    for key in ordered_keys(fits):
+        model, _ = split_row_key(key)
+        paper = PAPER_TABLE_4_3.get(model)
+        seeds = fits[key]
+        row = [row_label(key)]
         for style in ("explicit", "implicit"):
-            scores = fits[model][style].scores
-            row += [f"{scores[v]:.3f} ({paper[style][k]:.3f})"
-                    for k, v in enumerate(("gender", "race", "age", "avg"))]
-        overall = np.mean([fits[model][s].scores["avg"] for s in ("explicit", "implicit")])
-        row.append(f"{overall:.3f} ({paper['overall']:.3f})")
+            for k, v in enumerate(("gender", "race", "age", "avg")):
+                cell = format_interval([seed[style].scores[v] for seed in seeds], digits=3)
+                row.append(f"{cell} ({paper[style][k]:.3f})" if paper else cell)
+        overall = [np.mean([seed[s].scores["avg"] for s in ("explicit", "implicit")])
+                   for seed in seeds]
+        cell = format_interval(overall, digits=3)
+        row.append(f"{cell} ({paper['overall']:.3f})" if paper else cell)
         rows.append(row)
-    return ("Cells: ours (thesis).\n\n" + markdown_table(header, rows))
+    return "Cells: ours, mean ± 95% interval over seeds (thesis).\n\n" + markdown_table(header,
+                                                                                        rows)
 
 
 # ---------------------------------------------------------------- utility
