@@ -118,8 +118,8 @@ def token_batch(preset: Preset, vocab: int, seed: int = 0):
 
 # --------------------------------------------------------------------------- alignax
 
-def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
-                share_prompt: bool) -> dict:
+def build_alignax(preset: Preset, vocab: int, *, share_prompt: bool):
+    """The DPO step, its state, the frozen reference parameters and the collated batch."""
     import jax
     import numpy as np
     from flax import nnx
@@ -153,7 +153,14 @@ def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
     length = preset.prompt + preset.response
     batch = collate(examples, buckets=(length,), prompt_buckets=(preset.prompt,), pad_token_id=0,
                     share_prompt=share_prompt)
-    batch = global_batch(batch, mesh)
+    return step, state, reference, global_batch(batch, mesh)
+
+
+def run_alignax(preset: Preset, vocab: int, steps: int, warmup: int, *,
+                share_prompt: bool) -> dict:
+    import jax
+
+    step, state, reference, batch = build_alignax(preset, vocab, share_prompt=share_prompt)
     times = []
     for _ in range(warmup + steps):
         began = time.perf_counter()
@@ -299,6 +306,111 @@ def nominal_peak(device: str, override_tflops: float | None) -> float | None:
     return next((peak for key, peak in NOMINAL_PEAK.items() if key in device), None)
 
 
+
+# --------------------------------------------------------------------------- cost (--cost)
+
+def matmul_flops(jaxpr, *, branch) -> tuple[float, float]:
+    """(all, unembedding) matmul FLOPs of a jaxpr: 2 per multiply-add of every dot_general,
+    a scan's body times its length, a cond's branch `branch(eqn)` only (a while loop with a
+    matmul inside is refused: its trip count is not in the program). "unembedding" counts
+    the dots with an operand that has the vocabulary-chunk axis (`vocab_axis` below)."""
+    import math
+
+    total = lm_head = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contract)
+            total += flops
+            if any(branch.vocab_axis in v.aval.shape for v in eqn.invars):
+                lm_head += flops
+            continue
+        subs = ([eqn.params["branches"][branch(eqn)]] if name == "cond" else
+                [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")])
+        times = eqn.params["length"] if name == "scan" else 1
+        for sub in subs:
+            counted = matmul_flops(getattr(sub, "jaxpr", sub), branch=branch)
+            if name == "while" and counted[0]:
+                raise ValueError("a while loop holds matmuls: its trip count is unknown")
+            total, lm_head = total + times * counted[0], lm_head + times * counted[1]
+    return total, lm_head
+
+
+class ScoreBranch:
+    """Which branch of the step's score-window conds (`windowed_sequence_logprobs`) to count:
+    the one this batch takes (its widest response span), or the widest (every position of
+    every row scored: the unpacked step before the window)."""
+
+    def __init__(self, windows: tuple[int, ...], span: int, *, widest: bool, vocab_axis: int):
+        self.windows, self.vocab_axis = windows, vocab_axis
+        self.index = len(windows) - 1 if widest else min(
+            i for i, w in enumerate(windows) if w >= span)
+
+    def __call__(self, eqn) -> int:
+        if len(eqn.params["branches"]) != len(self.windows):
+            raise ValueError(f"unexpected cond with {len(eqn.params['branches'])} branches")
+        return self.index
+
+
+def cost(preset: Preset, vocab: int, *, share_prompt: bool) -> dict:
+    """XLA's cost / memory analysis of the compiled step, and its matmul FLOPs counted on the
+    step's jaxpr (deterministic: no timing)."""
+    import jax
+    import numpy as np
+
+    from alignax.logprobs import next_token_targets
+    from alignax.training.step import score_windows
+
+    step, state, reference, batch = build_alignax(preset, vocab, share_prompt=share_prompt)
+    compiled = step.lower(state, batch, reference).compile()
+    xla = compiled.cost_analysis()
+    xla = xla[0] if isinstance(xla, list) else xla
+    arguments = (state, step.check_batch(batch), reference, step.model_state)
+    jaxpr = jax.make_jaxpr(step.jitted)(*arguments).jaxpr
+    length = preset.prompt + preset.response
+    spans = []
+    for role in ("chosen", "rejected"):
+        ids, attention, loss = (np.asarray(batch[f"{role}_{k}"])
+                                for k in ("input_ids", "attention_mask", "loss_mask"))
+        _, mask = next_token_targets(ids, loss.astype(bool) & attention.astype(bool))
+        spans.append(int(np.asarray(mask).sum(-1).max()))  # contiguous responses: span = count
+    counts = {}
+    for label, widest in (("window", False), ("all_positions", True)):
+        branch = ScoreBranch(score_windows(length), max(spans), widest=widest,
+                             vocab_axis=preset.vocab_chunk_size)
+        counts[label] = matmul_flops(jaxpr, branch=branch)
+    return {"xla_flops": xla.get("flops"), "xla_bytes_accessed": xla.get("bytes accessed"),
+            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2 ** 20,
+            "matmul_flops": counts["window"][0], "unembedding_flops": counts["window"][1],
+            "matmul_flops_all_positions": counts["all_positions"][0],
+            "unembedding_flops_all_positions": counts["all_positions"][1],
+            "analytic_flops_all_positions": step_flops(preset, vocab)}
+
+
+def print_cost(preset_name: str, vocabs: list[int]) -> None:
+    preset = PRESETS[preset_name]
+    rows = {}
+    for vocab in vocabs:
+        for run, (framework, share) in RUNS.items():
+            if framework == "alignax":
+                rows[(vocab, run)] = cost(preset, vocab, share_prompt=share)
+    print("| vocab | run | matmul GFLOP/step: all positions scored (before) | response spans "
+          "scored (now) | now / before | unembedding share now | XLA cost_analysis GFLOP | "
+          "XLA bytes accessed (GB) | XLA temp (MiB) |")
+    print("|---" * 9 + "|")
+    for (vocab, run), r in rows.items():
+        before = r["matmul_flops_all_positions"] if run == "alignax" else None
+        print(f"| {vocab} | {run} | {before / 1e9:.2f} |" if before else f"| {vocab} | {run} | |",
+              f"{r['matmul_flops'] / 1e9:.2f} |",
+              f"{r['matmul_flops'] / before:.3f} |" if before else "|",
+              f"{r['unembedding_flops'] / r['matmul_flops']:.1%} | {r['xla_flops'] / 1e9:.2f} | "
+              f"{r['xla_bytes_accessed'] / 1e9:.2f} | {r['temp_mib']:.0f} |")
+    print(json.dumps({"benchmark": "trl_dpo --cost", "preset": preset_name,
+                      "results": {f"{v} {run}": r for (v, run), r in rows.items()}}))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -308,6 +420,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="nominal bf16 peak for MFU on a GPU not in NOMINAL_PEAK")
+    parser.add_argument("--cost", action="store_true",
+                        help="no timing: XLA's cost / memory analysis and the jaxpr's matmul "
+                             "FLOPs of alignax's steps")
     parser.add_argument("--child", choices=sorted(RUNS))
     args = parser.parse_args(argv)
     unknown = set(args.runs.split(",")) - set(RUNS)
@@ -322,6 +437,9 @@ def main() -> None:
     vocabs = [int(v) for v in (args.vocabs or preset.vocabs).split(",")]
     if args.child:
         print(json.dumps(child(args.child, preset, vocabs[0], args.steps, args.warmup)))
+        return
+    if args.cost:
+        print_cost(args.preset, vocabs)
         return
     runs = args.runs.split(",")
     tokens = 2 * preset.pairs * (preset.prompt + preset.response)

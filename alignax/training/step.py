@@ -57,11 +57,69 @@ class StepConfig:
     share_prompt: bool = False
 
 
+def score_windows(length: int) -> tuple[int, ...]:
+    """The widths W an unpacked row's scored span may be cut to: T/4, T/2 and T, ascending.
+
+    >>> score_windows(128)
+    (32, 64, 128)
+    """
+    return tuple(sorted({max(1, length // 4), max(1, length // 2), length}))
+
+
+def windowed_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
+                               mask: jax.Array, *, chunk_size: int,
+                               vocab_chunk_size: int | None) -> jax.Array:
+    """`chunked_sequence_logprobs` of right-padded rows, unembedding only their scored spans.
+
+    Each row's scored positions (its response: mask True) form one span from its first to
+    its last True. The smallest width W of `score_windows(T)` that holds every row's span is
+    chosen in the program (`lax.switch`, shapes stay static); each row's W positions from
+    its own start (per-row gather, clipped to end at T) are scored, so the prompt positions
+    and the padding before them never reach the unembedding. Exact: the same per-position
+    log-probs, summed over the same scored positions (float32 summation order aside).
+
+    Args:
+      hidden: [N, T, D] final hidden states.
+      unembedding: [D, V].
+      targets: [N, T] int next-token targets.
+      mask: [N, T] bool, True on the positions to score.
+      chunk_size, vocab_chunk_size: as `chunked_sequence_logprobs`.
+
+    Returns:
+      [N] float32 summed log-probs (0 for an empty mask).
+    """
+    length = mask.shape[-1]
+    scored = mask.any(axis=-1)  # [N]
+    first = jnp.argmax(mask, axis=-1)  # [N] first scored position (0 if none)
+    last = length - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # [N]
+    span = jnp.max(jnp.where(scored, last - first + 1, 0))  # [] widest scored span
+    windows = score_windows(length)
+
+    def score(width):
+        def branch(hidden, unembedding, targets, mask):
+            start = jnp.minimum(first, length - width)  # [N]: the window ends by T
+            index = start[:, None] + jnp.arange(width)  # [N, W]
+            return chunked_sequence_logprobs(
+                jnp.take_along_axis(hidden, index[..., None], axis=1),  # [N, W, D]
+                unembedding, jnp.take_along_axis(targets, index, axis=1),
+                jnp.take_along_axis(mask, index, axis=1),
+                chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+        return branch
+
+    which = jnp.sum(span > jnp.asarray(windows[:-1]))  # [] smallest window >= span
+    return jax.lax.switch(which, [score(w) for w in windows], hidden, unembedding, targets,
+                          mask)
+
+
 def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
                   chunk_size: int, vocab_chunk_size: int | None,
                   remat: str | None = None, adapters: bool = True,
                   dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
     """Per-sequence log pi(response | prompt) of each role, in one concatenated forward pass.
+
+    Only each row's response positions reach the unembedding
+    (`windowed_sequence_logprobs`): with T = prompt + response buckets, that is about half
+    of the rows' positions.
 
     Args:
       model: a CausalLM (`hidden_states`, `unembedding`).
@@ -88,8 +146,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
     hidden = model.hidden_states(ids, attention_mask=attention_mask, remat=remat,
                                  adapters=adapters, dropout_key=dropout_key)  # [N, T, D]
     targets, mask = next_token_targets(ids, loss_mask.astype(bool) & attention_mask.astype(bool))
-    logps = chunked_sequence_logprobs(hidden, model.unembedding(), targets, mask,
-                                      chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    logps = windowed_sequence_logprobs(hidden, model.unembedding(), targets, mask,
+                                       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
     out, start = {}, 0
     for role, lead in zip(roles, lead_shapes):
         size = math.prod(lead)
