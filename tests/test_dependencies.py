@@ -83,7 +83,8 @@ before = set(sys.modules)
 for package in ("alignax", "experiments"):
     module = importlib.import_module(package)
     for info in pkgutil.walk_packages(module.__path__, package + "."):
-        importlib.import_module(info.name)
+        if not info.name.endswith(".__main__"):  # entry points run their command on import
+            importlib.import_module(info.name)
 
 import alignax.data
 

@@ -120,8 +120,8 @@ def test_biases_and_norm_weights_are_not_decayed_kernels_and_embeddings_are(gpt2
     names = set(flatten_state(gpt2_params))
     assert {n for n in names if ".bias." in n or ".ln_" in n or n.startswith("ln_f.")} \
         == names - decayed
-    assert "h.0.ln_1.weight.value" not in decayed and "h.0.mlp.c_fc.bias.value" not in decayed
-    assert {"h.0.attn.q_proj.kernel.value", "h.0.mlp.c_proj.kernel.value",
+    assert "h.ln_1.weight.value" not in decayed and "h.mlp.c_fc.bias.value" not in decayed
+    assert {"h.attn.q_proj.kernel.value", "h.mlp.c_proj.kernel.value",
             "wte.embedding.value", "wpe.embedding.value"} <= decayed
 
 
