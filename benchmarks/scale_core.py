@@ -39,8 +39,8 @@ def compile_step(layers: int, remat: str | None) -> dict:
     from alignax.data import TokenizedExample
     from alignax.data.batching import collate
     from alignax.models import create
+    from alignax.objectives import DPO
     from alignax.training.mesh import global_batch, make_mesh
-    from alignax.training.objectives import ObjectiveConfig, make_objective
     from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
                                         split_model)
     from alignax.training.step import StepConfig, make_train_step
@@ -55,7 +55,7 @@ def compile_step(layers: int, remat: str | None) -> dict:
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-6))
     state, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0), mesh=mesh)
     reference = jax.tree.map(lambda x: x.copy(), state.params)
-    step = make_train_step(graphdef, make_objective(ObjectiveConfig(name="dpo", beta=0.1)),
+    step = make_train_step(graphdef, DPO(beta=0.1),
                            optimizer, schedule, mesh=mesh, state_shardings=shardings,
                            model_state=rest, config=StepConfig(remat=remat, chunk_size=512,
                                                                vocab_chunk_size=4096))
