@@ -71,15 +71,14 @@ from alignax.eval import markdown_table
 from alignax.models import from_pretrained
 from alignax.objectives import mipo_loss
 from alignax.trainer import DataConfig, ModelConfig
-from alignax.trainer.cli import parse_config
 from alignax.trainer.runs import load_tokenizer
 from alignax.training import make_mesh
 from alignax.training.loop import read_metrics
 from experiments.multisample import numbers, report
 from experiments.multisample.methods import Method, records
-from experiments.multisample.phases import (cached, check_study_config, group_log_ratios,
-                                            numpy_rng, sample_texts, seed_key, train_config,
-                                            train_run, write_json)
+from experiments.multisample.phases import (cached, check_no_lora, check_study_config,
+                                            group_log_ratios, numpy_rng, sample_texts, seed_key,
+                                            study_main, train_config, train_run, write_json)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -164,11 +163,7 @@ class Config:
             raise ValueError(f"bounded_eval_steps must be increasing steps >= 1, got {steps}")
         if self.samples_per_prompt < 2 or self.test_prompts < 2:
             raise ValueError("test_prompts and samples_per_prompt must be >= 2")
-        if self.lora_rank is not None:
-            raise ValueError(f"lora_rank={self.lora_rank}: LoRA is not wired into "
-                             f"alignax.trainer yet, and this study does not train without "
-                             f"the adapters it was given; set lora_rank None for full "
-                             f"fine-tuning")
+        check_no_lora(self.lora_rank)
 
 
 SMOKE = Config(run_dir="runs/multisample_numbers_smoke", seeds=(0,), sft_steps=4,
@@ -682,13 +677,7 @@ def run(config: Config) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    config = parse_config(Config, argv, prog="python -m experiments.multisample_numbers")
-    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
-    for name in ("experiments", "alignax"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    table = run(config)
-    print(table)
-    return table
+    return study_main(Config, run, argv, prog="python -m experiments.multisample_numbers")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from alignax.eval import SamplingConfig, encode_prompts, sample
 from alignax.objectives import Objective
 from alignax import trainer
 from alignax.trainer import DataConfig, ModelConfig, RunConfig, TrainConfig, TrainResult
+from alignax.trainer.cli import parse_config
 
 STUDY_CONFIG = "study_config.json"
 
@@ -44,6 +46,28 @@ def cached(path: pathlib.Path, compute: Callable[[], Any]) -> Any:
     value = compute()
     write_json(path, value)
     return value
+
+
+def check_no_lora(lora_rank: int | None) -> None:
+    """Refuses a LoRA rank: the studies train every weight (see their PAPER docstrings)."""
+    if lora_rank is not None:
+        raise ValueError(f"lora_rank={lora_rank}: LoRA is not wired into "
+                         f"alignax.trainer yet, and this study does not train without "
+                         f"the adapters it was given; set lora_rank None for full "
+                         f"fine-tuning")
+
+
+def study_main(config_class: type, run: Callable[[Any], str], argv: Sequence[str] | None, *,
+               prog: str) -> str:
+    """A study's `main`: flags parsed into `config_class`, progress logged at INFO, the study
+    run, its table printed and returned."""
+    config = parse_config(config_class, argv, prog=prog)
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    for name in ("experiments", "alignax"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    table = run(config)
+    print(table)
+    return table
 
 
 def check_study_config(config: Any, *, resumable: Sequence[str]) -> pathlib.Path:
