@@ -47,8 +47,8 @@ trains LoRA adapters on every projection of the weaker generator, whose weights 
 and are, with the adapters off, the runs' reference; the generators' SFT (step 1) trains
 every weight. §3.6.4 names no fine-tuning setting of its own ("the Alpaca training
 procedures"); the PAPER config uses §3.6.1's LoRA (rank 64, alpha 128). The embedded default
-(a tiny model, too small for low-rank adapters to stand in for it) and its committed run
-fine-tune every weight.
+(the tiny model) and its committed run fine-tune every weight; LoRA on the tiny model runs
+too (the test suite runs it at smoke size, rank 2).
 """
 
 from __future__ import annotations

@@ -47,15 +47,16 @@ uniformity beyond the NLL term, so the run does not show that multi-sample compa
 causes the gain. Unbiased mIPO trained long on a few fixed groups diverges (its training
 loss falls without bound and the answers collapse out of range) with or without the NLL term;
 the plain (biased) mIPO stays bounded; early stopping on the held-out plain-mIPO loss stops
-at the first evaluation. LoRA (parameter sharing) as a remedy was not run here.
+at the first evaluation. Whether LoRA keeps it bounded is not in the committed run
+(`--lora_rank` trains the boundedness runs with adapters too).
 
 LoRA: with `lora_rank` (and `lora_alpha`, default 2 x rank) every preference run of steps 3
 and 5 (DPO, IPO, mDPO, mIPO, the NLL-only control, the boundedness runs) trains LoRA adapters
 on every projection of the reference, whose weights stay frozen and are, with the adapters
 off, the runs' reference; the reference's own SFT (step 1) trains every weight. The thesis
 fine-tunes Llama-3-8B-Instruct with LoRA (rank 64, alpha 128), as the PAPER config does. The
-embedded default (a tiny model, too small for low-rank adapters to stand in for it) and its
-committed run fine-tune every weight.
+embedded default (the tiny model) and its committed run fine-tune every weight; LoRA on the
+tiny model runs too (the test suite runs it at smoke size, rank 2).
 """
 
 from __future__ import annotations
