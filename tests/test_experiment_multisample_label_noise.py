@@ -144,3 +144,5 @@ def test_smoke_study_with_lora_trains_adapters_on_the_weaker_generator(tmp_path)
                          nnx.state(without_adapters(result.model)), base)
             lora_b = [v for path, v in nnx.to_flat_state(result.params) if path[-1] == "lora_b"]
             assert max(float(np.abs(b[...]).max()) for b in lora_b) > 0  # B starts at 0
+    assert not has_adapters(models["weak"])  # the start model: untouched by the 4 runs
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(models["weak"]), base)
