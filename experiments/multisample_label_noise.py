@@ -42,8 +42,13 @@ none for §3.6.4) leave most policies below their starting generator, so the stu
 how much less they degrade rather than how much more they improve. A run with `--nll_weight`
 > 0 is the next thing to try; it was not run here.
 
-LoRA: as in `experiments.multisample_numbers`, the PAPER config's LoRA is refused until LoRA
-is wired into `alignax.trainer`; the embedded default fine-tunes all weights.
+LoRA: with `lora_rank` (and `lora_alpha`, default 2 x rank) every preference run of step 3
+trains LoRA adapters on every projection of the weaker generator, whose weights stay frozen
+and are, with the adapters off, the runs' reference; the generators' SFT (step 1) trains
+every weight. §3.6.4 names no fine-tuning setting of its own ("the Alpaca training
+procedures"); the PAPER config uses §3.6.1's LoRA (rank 64, alpha 128). The embedded default
+(the tiny model) and its committed run fine-tune every weight; LoRA on the tiny model runs
+too (the test suite runs it at smoke size, rank 2).
 """
 
 from __future__ import annotations
@@ -67,9 +72,9 @@ from alignax.training import make_mesh
 from experiments.multisample import arithmetic, report
 from experiments.multisample.methods import Method, records
 from experiments.multisample.numbers import parse_answers
-from experiments.multisample.phases import (cached, check_no_lora, check_study_config,
-                                            numpy_rng, sample_texts, seed_key, study_main,
-                                            train_config, train_run, write_json)
+from experiments.multisample.phases import (cached, check_study_config, numpy_rng,
+                                            preference_model_config, sample_texts, seed_key,
+                                            study_main, train_config, train_run, write_json)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -95,8 +100,8 @@ class Config:
     weak_model: str | None = None  # an HF checkpoint as the weaker generator (no SFT)
     strong_model: str | None = None  # an HF checkpoint as the stronger generator (no SFT)
     mesh: tuple[int, int, int] = (-1, 1, 1)
-    lora_rank: int | None = None  # the thesis' LoRA (PAPER); not wired into the trainer yet
-    lora_alpha: float | None = None
+    lora_rank: int | None = None  # LoRA of the preference runs (PAPER: 64); None: full
+    lora_alpha: float | None = None  # None: 2 x lora_rank (PAPER: 128)
     progress: bool = False
     # the task
     high: int = 50  # operands in [0, high]
@@ -140,7 +145,8 @@ class Config:
                              f"{self.strong_steps}")
         if self.samples_per_prompt < 1 or self.test_prompts < 2:
             raise ValueError("samples_per_prompt must be >= 1 and test_prompts >= 2")
-        check_no_lora(self.lora_rank)
+        preference_model_config(ModelConfig(), lora_rank=self.lora_rank,
+                                lora_alpha=self.lora_alpha)  # refuses bad LoRA fields now
 
 
 SMOKE = Config(run_dir="runs/multisample_label_noise_smoke", seeds=(0,), sft_records=64,
@@ -153,10 +159,12 @@ PAPER = dataclasses.replace(
     Config(), run_dir="runs/multisample_label_noise_paper",
     weak_model="meta-llama/Meta-Llama-3-8B-Instruct",
     strong_model="meta-llama/Meta-Llama-3-70B-Instruct", num_groups=2000, test_prompts=500,
-    batch_size=32, learning_rate=5e-6, mesh=(1, 8, 1), sample_batch_size=64)
+    batch_size=32, learning_rate=5e-6, mesh=(1, 8, 1), sample_batch_size=64, lora_rank=64,
+    lora_alpha=128.0)
 """The thesis' generators (Llama-3-70B / 8B Instruct) on the arithmetic task, whose oracle
 stands in for the thesis' GPT-4o judge on Alpaca prompts; the policy starts from the weaker
-generator. The thesis trains LoRA (rank 64, alpha 128) once LoRA is wired into the trainer."""
+generator and trains LoRA adapters of rank 64, alpha 128 (§3.6.1's setting; §3.6.4 names
+none)."""
 
 
 def methods(config: Config, family: str) -> list[Method]:
@@ -182,15 +190,17 @@ def generator_records(config: Config) -> list[dict]:
 
 
 def generators(config: Config, tokenizer) -> dict:
-    """{"weak": model, "strong": model, "start": keyword arguments that start a run from the
-    weaker generator}."""
+    """{"weak": model, "strong": model, "start": keyword arguments that start a preference
+    run from the weaker generator (under LoRA its ModelConfig names the adapters)}."""
+    lora = dict(lora_rank=config.lora_rank, lora_alpha=config.lora_alpha)
     if config.weak_model is not None:
         mesh = make_mesh(config.mesh)
         weak = from_pretrained(config.weak_model, mesh=mesh)
         strong = from_pretrained(config.strong_model, mesh=mesh)
         model_config = ModelConfig(config.weak_model, tokenizer=config.tokenizer)
         return {"weak": weak, "strong": strong,
-                "start": {"model_config": model_config, "tokenizer": tokenizer}}
+                "start": {"model_config": preference_model_config(model_config, **lora),
+                          "tokenizer": tokenizer}}
     model_config = ModelConfig(config.model, tokenizer=config.tokenizer, seed=config.generator_seed)
     run_dir = pathlib.Path(config.run_dir) / "generators"
     sft = generator_records(config)
@@ -206,7 +216,8 @@ def generators(config: Config, tokenizer) -> dict:
                        data=data_config(), model=weak, model_config=model_config,
                        tokenizer=tokenizer).model
     return {"weak": weak, "strong": strong,
-            "start": {"model": weak, "model_config": model_config, "tokenizer": tokenizer}}
+            "start": {"model": weak, "model_config": preference_model_config(model_config, **lora),
+                      "tokenizer": tokenizer}}
 
 
 EMPTY = " ?"
@@ -265,19 +276,27 @@ def labelled_records(groups: dict, method: Method, label: str) -> list[dict]:
 
 # ---------------------------------------------------------------- phases
 
+def policy_run(config: Config, seed: int, method: Method, label: str, groups: dict,
+               start: dict):
+    """The TrainResult of `method` trained on the seed's groups under `label` from `start`
+    (resumable: a finished run is restored, not trained again)."""
+    train = train_config(steps=config.train_steps, batch_size=config.batch_size,
+                         learning_rate=config.learning_rate, seed=seed, mesh=config.mesh,
+                         progress=config.progress)
+    return train_run(pathlib.Path(config.run_dir) / f"seed_{seed}" / label / method.key,
+                     method.objective(beta=config.beta, tau=config.tau),
+                     labelled_records(groups, method, label), train=train, data=data_config(),
+                     **start)
+
+
 def train_and_evaluate(config: Config, seed: int, method: Method, label: str, groups: dict,
                        start: dict, tokenizer) -> dict:
-    """Trains `method` on the seed's groups under `label` (resumable) and caches its answers
-    to the test problems."""
+    """Trains `method` on the seed's groups under `label` (resumable) and caches the answers
+    of the trained policy (under LoRA: with its adapters) to the test problems."""
     run_dir = pathlib.Path(config.run_dir) / f"seed_{seed}" / label / method.key
 
     def compute():
-        train = train_config(steps=config.train_steps, batch_size=config.batch_size,
-                             learning_rate=config.learning_rate, seed=seed, mesh=config.mesh,
-                             progress=config.progress)
-        result = train_run(run_dir, method.objective(beta=config.beta, tau=config.tau),
-                           labelled_records(groups, method, label), train=train,
-                           data=data_config(), **start)
+        result = policy_run(config, seed, method, label, groups, start)
         _, values = sample_texts_and_values(config, result.model, tokenizer, groups["test"],
                                             num_samples=config.samples_per_prompt,
                                             key=seed_key(seed, 1))

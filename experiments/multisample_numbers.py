@@ -47,11 +47,16 @@ uniformity beyond the NLL term, so the run does not show that multi-sample compa
 causes the gain. Unbiased mIPO trained long on a few fixed groups diverges (its training
 loss falls without bound and the answers collapse out of range) with or without the NLL term;
 the plain (biased) mIPO stays bounded; early stopping on the held-out plain-mIPO loss stops
-at the first evaluation. Parameter sharing (LoRA) as a remedy is not studied here.
+at the first evaluation. Whether LoRA keeps it bounded is not in the committed run
+(`--lora_rank` trains the boundedness runs with adapters too).
 
-LoRA: the PAPER config names the thesis' LoRA (rank 64, alpha 128); LoRA is not wired into
-`alignax.trainer` yet, so a config with `lora_rank` set is refused rather than silently
-trained without it. The embedded default fine-tunes all weights.
+LoRA: with `lora_rank` (and `lora_alpha`, default 2 x rank) every preference run of steps 3
+and 5 (DPO, IPO, mDPO, mIPO, the NLL-only control, the boundedness runs) trains LoRA adapters
+on every projection of the reference, whose weights stay frozen and are, with the adapters
+off, the runs' reference; the reference's own SFT (step 1) trains every weight. The thesis
+fine-tunes Llama-3-8B-Instruct with LoRA (rank 64, alpha 128), as the PAPER config does. The
+embedded default (the tiny model) and its committed run fine-tune every weight; LoRA on the
+tiny model runs too (the test suite runs it at smoke size, rank 2).
 """
 
 from __future__ import annotations
@@ -76,9 +81,10 @@ from alignax.training import make_mesh
 from alignax.training.loop import read_metrics
 from experiments.multisample import numbers, report
 from experiments.multisample.methods import Method, records
-from experiments.multisample.phases import (cached, check_no_lora, check_study_config,
-                                            group_log_ratios, numpy_rng, sample_texts, seed_key,
-                                            study_main, train_config, train_run, write_json)
+from experiments.multisample.phases import (cached, check_study_config, group_log_ratios,
+                                            numpy_rng, preference_model_config, sample_texts,
+                                            seed_key, study_main, train_config, train_run,
+                                            write_json)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -112,8 +118,8 @@ class Config:
     model: str = "tiny"  # "tiny" (embedded) or an HF causal LM (hub id / local directory)
     tokenizer: str | None = None  # None: the model's own (the embedded one for "tiny")
     mesh: tuple[int, int, int] = (-1, 1, 1)  # (data, fsdp, tensor)
-    lora_rank: int | None = None  # the thesis' LoRA (PAPER); not wired into the trainer yet
-    lora_alpha: float | None = None
+    lora_rank: int | None = None  # LoRA of the preference runs (PAPER: the thesis' 64); None: full
+    lora_alpha: float | None = None  # None: 2 x lora_rank (PAPER: the thesis' 128)
     progress: bool = False
     # the task (thesis: a in [0, 1000], gaps 5-10)
     low: int = 0
@@ -163,7 +169,8 @@ class Config:
             raise ValueError(f"bounded_eval_steps must be increasing steps >= 1, got {steps}")
         if self.samples_per_prompt < 2 or self.test_prompts < 2:
             raise ValueError("test_prompts and samples_per_prompt must be >= 2")
-        check_no_lora(self.lora_rank)
+        preference_model_config(ModelConfig(), lora_rank=self.lora_rank,
+                                lora_alpha=self.lora_alpha)  # refuses bad LoRA fields now
 
 
 SMOKE = Config(run_dir="runs/multisample_numbers_smoke", seeds=(0,), sft_steps=4,
@@ -177,10 +184,10 @@ PAPER = dataclasses.replace(
     Config(), run_dir="runs/multisample_numbers_paper",
     model="meta-llama/Meta-Llama-3-8B-Instruct", sft_steps=0, num_groups=3000,
     test_prompts=100, batch_size=32, learning_rate=5e-6, mesh=(1, 8, 1),
-    sample_batch_size=64)
+    sample_batch_size=64, lora_rank=64, lora_alpha=128.0)
 """The thesis' scale: Llama-3-8B-Instruct as the reference (no SFT), ~3,000 groups, 100 test
-prompts, on an 8-device (fsdp) mesh. The thesis trains LoRA (rank 64, alpha 128), which
-`lora_rank=64, lora_alpha=128` names once LoRA is wired into the trainer."""
+prompts, on an 8-device (fsdp) mesh, the preference runs training LoRA adapters of rank 64,
+alpha 128 (§3.6.1)."""
 
 
 def methods(config: Config) -> list[Method]:
@@ -289,14 +296,17 @@ def per_prompt_uniformity(answers: dict, data: dict) -> dict[str, dict[str, np.n
 # ---------------------------------------------------------------- phases
 
 def reference_policy(config: Config, tokenizer) -> tuple[object, dict]:
-    """(the reference model, the keyword arguments that start a run from it)."""
+    """(the reference model, the keyword arguments that start a preference run from it:
+    under LoRA its ModelConfig names the adapters)."""
     model_config = ModelConfig(config.model, tokenizer=config.tokenizer, seed=config.reference_seed)
+    preference = preference_model_config(model_config, lora_rank=config.lora_rank,
+                                         lora_alpha=config.lora_alpha)
     if config.sft_steps == 0:
         if config.model == "tiny":
             raise ValueError("sft_steps=0 needs a pretrained model: the embedded tiny model "
                              "starts untrained")
         model = from_pretrained(config.model, mesh=make_mesh(config.mesh))
-        return model, {"model_config": model_config, "tokenizer": tokenizer}
+        return model, {"model_config": preference, "tokenizer": tokenizer}
     train = train_config(steps=config.sft_steps, batch_size=config.sft_batch_size,
                          learning_rate=config.sft_learning_rate, seed=config.reference_seed,
                          mesh=config.mesh, progress=config.progress, lr_schedule="cosine",
@@ -307,7 +317,7 @@ def reference_policy(config: Config, tokenizer) -> tuple[object, dict]:
     result = train_run(pathlib.Path(config.run_dir) / "reference", SFT(),
                        reference_records(config), train=train, data=data_config(),
                        model_config=model_config, tokenizer=tokenizer)
-    return result.model, {"model": result.model, "model_config": model_config,
+    return result.model, {"model": result.model, "model_config": preference,
                           "tokenizer": tokenizer}
 
 
@@ -323,16 +333,24 @@ def final_train_metrics(run_dir: pathlib.Path) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[-1] if k != "step"}
 
 
+def policy_run(config: Config, seed: int, method: Method, data: dict, start: dict):
+    """The TrainResult of `method` trained on the seed's training groups from `start`
+    (resumable: a finished run is restored, not trained again)."""
+    return train_run(pathlib.Path(config.run_dir) / f"seed_{seed}" / method.key,
+                     method.objective(beta=config.beta, tau=config.tau),
+                     method_records(data["train"], method),
+                     train=preference_train_config(config, seed, config.train_steps),
+                     data=data_config(), **start)
+
+
 def train_and_evaluate(config: Config, seed: int, method: Method, data: dict, start: dict,
                        reference, tokenizer) -> dict:
-    """Trains `method` on the seed's training groups (resumable) and caches its answers."""
+    """Trains `method` on the seed's training groups (resumable) and caches the answers of
+    the trained policy (under LoRA: with its adapters)."""
     run_dir = pathlib.Path(config.run_dir) / f"seed_{seed}" / method.key
 
     def compute():
-        result = train_run(run_dir, method.objective(beta=config.beta, tau=config.tau),
-                           method_records(data["train"], method),
-                           train=preference_train_config(config, seed, config.train_steps),
-                           data=data_config(), **start)
+        result = policy_run(config, seed, method, data, start)
         return {**evaluate_policy(config, result.model, tokenizer, data, seed),
                 "train_metrics": final_train_metrics(run_dir)}
 

@@ -1,15 +1,22 @@
 """experiments.multisample_label_noise: the oracle, the labels and Remark 1's agreement against
-hand values, and the whole study at smoke size, restarted."""
+hand values, the whole study at smoke size, restarted, and once with LoRA (adapters trained on
+the frozen weaker generator)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from alignax.models.lora import without_adapters
+from alignax.trainer import ModelConfig
 from alignax.trainer.cli import parse_config
+from alignax.trainer.runs import load_tokenizer
+from alignax.training.state import has_adapters
 from experiments import EXPERIMENTS, multisample_label_noise
 from experiments.multisample import arithmetic
 
@@ -23,9 +30,10 @@ def test_registered_and_cli():
         dataclasses.replace(multisample_label_noise.Config(), ks=(2, 3))
     with pytest.raises(ValueError, match="both"):
         dataclasses.replace(multisample_label_noise.Config(), weak_model="some/model")
-    with pytest.raises(ValueError, match="LoRA is not wired"):
-        multisample_label_noise.PAPER.__class__(**{
-            **dataclasses.asdict(multisample_label_noise.PAPER), "lora_rank": 64})
+    assert (multisample_label_noise.PAPER.lora_rank, multisample_label_noise.PAPER.lora_alpha
+            ) == (64, 128.0)
+    with pytest.raises(ValueError, match="lora_alpha is set but lora_rank is None"):
+        dataclasses.replace(multisample_label_noise.Config(), lora_alpha=16.0)
     methods = multisample_label_noise.methods(multisample_label_noise.Config(), "ipo")
     assert [(m.name, m.k) for m in methods] == [("ipo", 1), ("mipo", 2), ("mipo", 3)]
 
@@ -107,3 +115,34 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     assert len(training_logs) == 2 + len(multisample_label_noise.LABELS) * len(config.ks)
     assert multisample_label_noise.run(config) == table
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_smoke_study_with_lora_trains_adapters_on_the_weaker_generator(tmp_path):
+    run_dir = tmp_path / "lora"
+    config = dataclasses.replace(multisample_label_noise.SMOKE, run_dir=str(run_dir),
+                                 lora_rank=2, lora_alpha=4.0)
+    table = multisample_label_noise.run(config)  # 4 preference runs from one start model
+    assert len(table.splitlines()) == 2 + 4 and (run_dir / "summary.md").stat().st_size > 500
+    # the finished runs re-opened (restored from their checkpoints, not trained again)
+    tokenizer = load_tokenizer(ModelConfig(config.model))
+    models = multisample_label_noise.generators(config, tokenizer)
+    assert not has_adapters(models["weak"]) and not has_adapters(models["strong"])  # SFT: full
+    assert models["start"]["model_config"].lora_rank == 2
+    base = jax.tree.map(np.array, nnx.state(models["weak"]))
+    groups = multisample_label_noise.seed_groups(config, 0, models, tokenizer)
+    for label in multisample_label_noise.LABELS:
+        for method in multisample_label_noise.methods(config, "dpo"):
+            metrics = run_dir / "seed_0" / label / method.key / "metrics.jsonl"
+            stamp = metrics.stat().st_mtime_ns
+            result = multisample_label_noise.policy_run(config, 0, method, label, groups,
+                                                        models["start"])
+            assert metrics.stat().st_mtime_ns == stamp  # restored, not trained again
+            # only the adapters trained; the base weights are the weaker generator's
+            assert {path[-1] for path, _ in nnx.to_flat_state(result.params)} == {"lora_a",
+                                                                                  "lora_b"}
+            jax.tree.map(np.testing.assert_array_equal,
+                         nnx.state(without_adapters(result.model)), base)
+            lora_b = [v for path, v in nnx.to_flat_state(result.params) if path[-1] == "lora_b"]
+            assert max(float(np.abs(b[...]).max()) for b in lora_b) > 0  # B starts at 0
+    assert not has_adapters(models["weak"])  # the start model: untouched by the 4 runs
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(models["weak"]), base)

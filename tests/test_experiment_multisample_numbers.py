@@ -1,5 +1,6 @@
 """experiments.multisample_numbers: the task's builders and metrics against hand values, the
-shared method / report pieces, and the whole study at smoke size, restarted."""
+shared method / report pieces, the whole study at smoke size, restarted, and once with LoRA
+(adapters trained on the frozen reference, which stays the log-ratios' reference)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import dataclasses
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from alignax.data import prepare_dataset
+from alignax.models.lora import without_adapters
+from alignax.trainer import ModelConfig
 from alignax.trainer.cli import parse_config
+from alignax.trainer.runs import load_tokenizer
+from alignax.training.state import has_adapters
 from experiments import EXPERIMENTS, multisample_numbers
 from experiments.multisample import numbers, report
 from experiments.multisample.methods import Method, records
+from experiments.multisample.phases import group_log_ratios
 
 
 def test_registered_and_cli():
@@ -21,8 +30,12 @@ def test_registered_and_cli():
     config = parse_config(multisample_numbers.Config, ["--seeds", "0", "4", "--ks", "2", "4",
                                                        "--nll_weights", "0.1", "0"])
     assert config.seeds == (0, 4) and config.ks == (2, 4) and config.nll_weights == (0.1, 0.0)
-    with pytest.raises(ValueError, match="LoRA is not wired"):
-        dataclasses.replace(multisample_numbers.Config(), lora_rank=64)
+    lora = parse_config(multisample_numbers.Config, ["--lora_rank", "64", "--lora_alpha", "128"])
+    assert (lora.lora_rank, lora.lora_alpha) == (64, 128.0)
+    with pytest.raises(ValueError, match="lora_alpha is set but lora_rank is None"):
+        dataclasses.replace(multisample_numbers.Config(), lora_alpha=16.0)
+    with pytest.raises(ValueError, match="lora_rank must be an int >= 1"):
+        dataclasses.replace(multisample_numbers.Config(), lora_rank=0)
     with pytest.raises(ValueError, match=r"\(>= 2\)"):
         dataclasses.replace(multisample_numbers.Config(), ks=(1, 3))
 
@@ -163,6 +176,49 @@ def test_smoke_study_runs_end_to_end_and_resumes(tmp_path):
     # a restart with another config is refused, naming the field
     with pytest.raises(ValueError, match="beta"):
         multisample_numbers.run(dataclasses.replace(config, beta=0.5))
+
+
+def test_smoke_study_with_lora_trains_adapters_on_the_frozen_reference(tmp_path):
+    run_dir = tmp_path / "lora"
+    config = dataclasses.replace(multisample_numbers.SMOKE, run_dir=str(run_dir), lora_rank=2,
+                                 lora_alpha=4.0)
+    table = multisample_numbers.run(config)  # 6 preference runs from one reference model
+    assert len(table.splitlines()) == 5 and (run_dir / "summary.md").stat().st_size > 500
+    # the study's held-out log-ratios: h = 0 at step 0 (the reference against itself, plain
+    # mIPO exactly (1 / (2 tau))^2 = 1); after training the policy's adapters move them (by
+    # ~1e-4 here; float32 rounding of the summed log-probs is ~1e-6)
+    seed_dir = run_dir / "seed_0" / "bounded"
+    initial = json.loads((seed_dir / "reference_evaluation.json").read_text())
+    for method in multisample_numbers.bounded_methods(config):
+        trained = json.loads((seed_dir / method.key / "evaluation_2.json").read_text())
+        assert abs(trained["heldout_plain_mipo"] - initial["heldout_plain_mipo"]) > 1e-5
+    # the finished runs re-opened (restored from their checkpoints, not trained again)
+    tokenizer = load_tokenizer(ModelConfig(config.model))
+    reference, start = multisample_numbers.reference_policy(config, tokenizer)
+    assert not has_adapters(reference)  # the reference's SFT trained every weight
+    base = jax.tree.map(np.array, nnx.state(reference))
+    data = multisample_numbers.seed_data(config, 0)
+    heldout = prepare_dataset(multisample_numbers.method_records(data["heldout"],
+                                                                  Method("mipo", 2)),
+                              tokenizer, max_length=multisample_numbers.MAX_LENGTH,
+                              max_prompt_length=multisample_numbers.PROMPT_LENGTH)
+    for method in multisample_numbers.methods(config):
+        metrics = run_dir / "seed_0" / method.key / "metrics.jsonl"
+        stamp = metrics.stat().st_mtime_ns
+        result = multisample_numbers.policy_run(config, 0, method, data, start)
+        assert metrics.stat().st_mtime_ns == stamp  # restored, not trained again
+        # only the adapters trained; the base weights are the reference's
+        assert {path[-1] for path, _ in nnx.to_flat_state(result.params)} == {"lora_a",
+                                                                              "lora_b"}
+        jax.tree.map(np.testing.assert_array_equal,
+                     nnx.state(without_adapters(result.model)), base)
+        # log-ratios against the reference: zero with the adapters off, not with them on
+        h = group_log_ratios(result.model, reference, heldout, batch_size=len(heldout))
+        off = group_log_ratios(without_adapters(result.model), reference, heldout,
+                               batch_size=len(heldout))
+        assert np.abs(h["chosen"]).max() > 1e-5
+        assert np.abs(off["chosen"]).max() == np.abs(off["rejected"]).max() == 0.0
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(reference), base)  # untouched
 
 
 def test_build_md_paper_commands_are_the_paper_configs():

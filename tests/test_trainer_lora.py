@@ -2,13 +2,15 @@
 the adapters only (the reference is the base model), resumes from a checkpoint of adapters and
 optimizer state, exports merged HF weights that transformers loads and a PEFT adapter that
 `peft` loads onto the base checkpoint; `alignax eval` scores it; reward models train with
-LoRA; the lora fields' guard rails."""
+LoRA; a model passed in to LoRA runs stays the base model (the adapters go on a copy), so
+it starts several runs; the lora fields' guard rails."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 
+import jax
 import numpy as np
 import peft
 import pytest
@@ -17,7 +19,9 @@ import transformers
 from flax import nnx
 
 import trainer_data as td
-from alignax.objectives import DPO, BradleyTerry
+from alignax.models import create
+from alignax.models.lora import without_adapters
+from alignax.objectives import DPO, MDPO, BradleyTerry
 from alignax.trainer import DataConfig, ModelConfig, RunConfig, TrainConfig, cli, train
 from alignax.training.checkpoint import ADAPTER_DIR
 from alignax.training.state import has_adapters
@@ -97,6 +101,30 @@ def test_reward_ensemble_trains_with_lora_and_exports_merged_members(tmp_path):
     assert {p[-2] for p in paths} == {"lora"} and ("members", "score", "lora", "lora_b") in paths
     assert result.metrics["update_applied"] == 1.0
     assert (result.export_dir / "member_1" / "model.safetensors").exists()
+
+
+def test_a_passed_in_model_stays_the_base_model_and_starts_a_second_lora_run(tmp_path):
+    start = create(td.model_config(), rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.array, nnx.state(start))  # copies of every array and its path
+    runs = [("dpo", DPO(beta=0.1), td.pair_records(8)),
+            ("mdpo", MDPO(beta=0.1), td.grouped_records(8))]
+    for name, objective, records in runs:
+        config = RunConfig(
+            run_dir=str(tmp_path / name), model=ModelConfig(lora_rank=2, lora_alpha=4.0),
+            data=DataConfig(max_length=32), objective=objective,
+            train=TrainConfig(steps=2, batch_size=4, learning_rate=1e-2, mesh=(1, 1, 1),
+                              progress=False, tensorboard=False, export=False))
+        result = train(config, model=start, data=records)  # the second run: the same start
+        assert int(result.state.step) == 2 and np.isfinite(result.metrics["loss"])
+        # the passed-in model: no adapters, every array as before (structure and values)
+        assert not has_adapters(start)
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(start), before)
+        # the run trained its adapters only: its base weights are the start's
+        assert has_adapters(result.model)
+        jax.tree.map(np.testing.assert_array_equal,
+                     nnx.state(without_adapters(result.model)), before)
+        lora_b = [v for path, v in nnx.to_flat_state(result.params) if path[-1] == "lora_b"]
+        assert max(float(np.abs(b[...]).max()) for b in lora_b) > 0  # B starts at 0
 
 
 def test_lora_guard_rails():

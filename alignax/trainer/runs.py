@@ -372,7 +372,8 @@ def build_run(config: RunConfig, *, model: Any = None, params: Any = None, token
     Args:
       config: the RunConfig.
       model: an already-built model (CausalLM, RewardModel or RewardEnsemble) to start from
-        instead of ModelConfig.path.
+        instead of ModelConfig.path; left unchanged (under LoRA the adapters go on a copy),
+        so one model can start many runs.
       params: initial parameters (an nnx.State) for the architecture ModelConfig names.
       tokenizer: a tokenizer object instead of ModelConfig.tokenizer.
       data, eval_data: records (a list of dicts in any supported format, or a
@@ -407,8 +408,9 @@ def build_run(config: RunConfig, *, model: Any = None, params: Any = None, token
             _check_same_structure(params, split_model(model)[1], "params")
             nnx.update(model, params)
     lora = config.model.lora_config(targets=default_targets(model))
-    if lora is not None:
-        add_lora(model, lora, rngs=nnx.Rngs(config.model.seed + 1), mesh=mesh)
+    if lora is not None:  # on a copy (arrays shared): a passed-in model stays the base model
+        model = add_lora(nnx.clone(model), lora, rngs=nnx.Rngs(config.model.seed + 1),
+                         mesh=mesh)
     graphdef, initial, model_state = split_model(model)
     reference_params = None
     if has_adapters(initial):  # the reference is the base model: the adapters switched off

@@ -3,15 +3,18 @@ bookkeeping that makes a killed study resume where it stopped.
 
 Every training run is one `alignax.trainer.train` call in its own run directory (checkpoints,
 metrics.jsonl, TensorBoard, eval/metrics.jsonl when the run evaluates a held-out split), so a
-rerun restores or skips it. What a study computes from a finished run (sampled answers,
-scores) is cached as JSON next to it (`cached`), and the study's own config is saved at the
-top of its run directory (`check_study_config`): a restart under a changed config is refused
-with the fields named, instead of mixing cached results of two configs.
+rerun restores or skips it. The preference runs train LoRA adapters when a study sets
+`lora_rank` (`preference_model_config`); the SFT runs that make their start models train
+every weight. What a study computes from a finished run (sampled answers, scores) is cached
+as JSON next to it (`cached`), and the study's own config is saved at the top of its run
+directory (`check_study_config`): a restart under a changed config is refused with the
+fields named, instead of mixing cached results of two configs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -21,12 +24,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from alignax.eval import SamplingConfig, encode_prompts, sample
 from alignax.objectives import Objective
 from alignax import trainer
 from alignax.trainer import DataConfig, ModelConfig, RunConfig, TrainConfig, TrainResult
 from alignax.trainer.cli import parse_config
+from alignax.training.step import role_logprobs
 
 STUDY_CONFIG = "study_config.json"
 
@@ -48,13 +53,19 @@ def cached(path: pathlib.Path, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def check_no_lora(lora_rank: int | None) -> None:
-    """Refuses a LoRA rank: the studies train every weight (see their PAPER docstrings)."""
-    if lora_rank is not None:
-        raise ValueError(f"lora_rank={lora_rank}: LoRA is not wired into "
-                         f"alignax.trainer yet, and this study does not train without "
-                         f"the adapters it was given; set lora_rank None for full "
-                         f"fine-tuning")
+def preference_model_config(model_config: ModelConfig, *, lora_rank: int | None,
+                            lora_alpha: float | None) -> ModelConfig:
+    """The ModelConfig of a study's preference runs: `model_config` with the study's LoRA.
+
+    lora_rank None trains every weight; r trains LoRA adapters of rank r on every projection
+    (the trainer's default targets) with alpha `lora_alpha` (None: 2 r), the base weights
+    frozen and, with the adapters off, the reference. The thesis fine-tunes with LoRA (rank
+    64, alpha 128, §3.6.1).
+
+    Raises:
+      ValueError: lora_alpha without lora_rank, a rank < 1 or alpha <= 0 (the field named).
+    """
+    return dataclasses.replace(model_config, lora_rank=lora_rank, lora_alpha=lora_alpha)
 
 
 def study_main(config_class: type, run: Callable[[Any], str], argv: Sequence[str] | None, *,
@@ -156,13 +167,22 @@ def numpy_rng(seed: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, purpose])
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "roles", "chunk_size"))
+def _role_logps(graphdef, state, columns, *, roles, chunk_size):
+    """role -> [B, K] summed response log-probs of a merged model (adapters on, if any)."""
+    return role_logprobs(nnx.merge(graphdef, state), columns, roles, chunk_size=chunk_size,
+                         vocab_chunk_size=None)
+
+
 def group_log_ratios(model, reference, dataset, *, batch_size: int,
                      chunk_size: int = 1024) -> dict[str, np.ndarray]:
     """Log-ratios h = log pi(y|x) - log pi_ref(y|x) of every member of a prepared grouped
     dataset's groups (e.g. held-out groups, to compute held-out mIPO losses).
 
     Args:
-      model, reference: CausalLMs (the policy and the frozen reference).
+      model, reference: CausalLMs (the policy and the frozen reference). After a LoRA run the
+        policy is the returned model (its adapters on) and the reference the model the run
+        started from (the base weights without adapters); the two may differ in structure.
       dataset: a `PreferenceDataset` of "grouped" records.
       batch_size: examples per scoring call (the last call is filled up with copies).
 
@@ -170,21 +190,10 @@ def group_log_ratios(model, reference, dataset, *, batch_size: int,
       {"chosen": [G, K], "rejected": [G, L] float32 log-ratios, "chosen_mask": [G, K],
       "rejected_mask": [G, L] bool member masks}.
     """
-    from flax import nnx
-
-    from alignax.training.step import role_logprobs
-
     if dataset.format != "grouped":
         raise ValueError(f"group_log_ratios needs grouped records, got {dataset.format!r}")
-    graphdef, _ = nnx.split(model)
     roles = ("chosen", "rejected")
-
-    @jax.jit
-    def logps(state, batch):
-        return role_logprobs(nnx.merge(graphdef, state), batch, roles, chunk_size=chunk_size,
-                             vocab_chunk_size=None)
-
-    policy_state, reference_state = nnx.state(model), nnx.state(reference)
+    policy, base = nnx.split(model), nnx.split(reference)
     examples = list(dataset.examples)
     out = {name: [] for name in ("chosen", "rejected", "chosen_mask", "rejected_mask")}
     for start in range(0, len(examples), batch_size):
@@ -193,9 +202,12 @@ def group_log_ratios(model, reference, dataset, *, batch_size: int,
         batch = dataset.collate(chunk + [chunk[0]] * (batch_size - rows))
         columns = {f"{r}_{c}": batch[f"{r}_{c}"] for r in roles
                    for c in ("input_ids", "attention_mask", "loss_mask")}  # [B, K, T] each
-        policy = jax.device_get(logps(policy_state, columns))
-        base = jax.device_get(logps(reference_state, columns))
+        policy_logps = jax.device_get(_role_logps(*policy, columns, roles=roles,
+                                                  chunk_size=chunk_size))
+        base_logps = jax.device_get(_role_logps(*base, columns, roles=roles,
+                                                chunk_size=chunk_size))
         for role in roles:
-            out[role].append((np.asarray(policy[role]) - np.asarray(base[role]))[:rows])
+            out[role].append((np.asarray(policy_logps[role])
+                              - np.asarray(base_logps[role]))[:rows])
             out[f"{role}_mask"].append(batch[f"{role}_group_mask"][:rows])
     return {k: np.concatenate(v) for k, v in out.items()}
