@@ -26,6 +26,7 @@ from alignax.models.lora import LoRAConfig, default_targets, without_adapters
 from alignax.objectives import BradleyTerry, CausalReward
 from alignax.schedules import Linear
 from alignax.trainer.cli import parse_config
+from alignax.training.mesh import make_mesh
 from alignax.training.state import has_adapters
 from experiments.causal_reward import PAPER, SMOKE, Config, pipeline
 from experiments.causal_reward.evaluation import left_pad, pairwise_accuracy
@@ -250,7 +251,7 @@ def test_lora_reward_model_trains_only_its_adapters_and_resumes(tmp_path):
     tok = default_tokenizer()
     policy = create(tiny_config("llama", vocab_size=len(tok), hidden_size=32,
                                 num_hidden_layers=1, intermediate_size=64),
-                    rngs=nnx.Rngs(0), mesh=jax.make_mesh((8,), ("data",)))
+                    rngs=nnx.Rngs(0), mesh=make_mesh((-1, 1, 1)))
     initial = reward_model_from_policy(policy, seed=1)
     records = [dict(prompt=f"What is {i} + {i}?", chosen=f" It is {2 * i}.",
                     rejected=f" It is {2 * i + 1}, I think.") for i in range(16)]

@@ -13,10 +13,11 @@ only the missing steps; a finished phase only restores its final parameters. A L
 initial model's, rebuilt by the caller on a restart.
 
 `Phases` keeps what compiled: a train step per (model, objective, optimizer settings, batch
-positions), which serves every phase of that signature (the seeds of DPO, and the studies whose
-shapes agree), each call bound to its own model's frozen state; and one `PPOTrainer` per
-(policy architecture, reward model architecture, PPO settings) and study, whose rollout,
-scoring and update serve every PPO run of the study: each run starts from a fresh state whose
+positions, reference mode), which serves every phase of that signature (the seeds of DPO, and,
+through one `train_steps` dict, the studies whose shapes agree), each call bound to its own
+model's frozen state; and one `PPOTrainer` per (policy architecture, reward model
+architecture, PPO settings), whose rollout, scoring and update serve every PPO run of the
+`Phases` (one study: the trainer holds the SFT policy): each run starts from a fresh state whose
 critic is set to its reward model's backbone and head, whose KL coefficient is set to the
 run's, and the trainer's reward is set to the run's reward.
 """
@@ -208,7 +209,8 @@ class Phases:
             if reference is not None:
                 raise ValueError("reference=: a LoRA phase's reference is its base model (the "
                                  "adapters switched off); pass no reference")
-            model = add_lora(_copy(model), lora, rngs=nnx.Rngs(seed),
+            # onto a clone that shares the (frozen, never donated) base arrays
+            model = add_lora(nnx.clone(model), lora, rngs=nnx.Rngs(seed),
                              mesh=_mesh_of(nnx.state(model, nnx.Param)))
         graphdef, params, rest = split_model(model)
         mesh = _mesh_of(params)
