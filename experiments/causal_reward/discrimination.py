@@ -290,11 +290,13 @@ def build_discrimination(*, num_train: int = 1024, num_test: int = 128,
                          seed: int = 0) -> StudyData:
     """The embedded default (module docstring): pairs for train / test, and the Discrim-eval
     style evaluation sets "eval_explicit" (1,620 questions) and "eval_implicit" (2,160) over
-    all decision templates, or over the first `eval_decisions` of them (270 / 360 each)."""
+    all decision templates, or over the first `eval_decisions` of them (270 / 360 per
+    template)."""
     for name, n in (("num_train", num_train), ("num_test", num_test)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
-    if isinstance(eval_decisions, bool) or eval_decisions not in range(1, len(DECISIONS) + 1):
+    if (isinstance(eval_decisions, bool) or not isinstance(eval_decisions, int)
+            or not 1 <= eval_decisions <= len(DECISIONS)):
         raise ValueError(f"eval_decisions must be an int in [1, {len(DECISIONS)}], got "
                          f"{eval_decisions!r}")
     if not 0 <= implicit_rate <= 1:
