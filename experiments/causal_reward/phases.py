@@ -199,8 +199,9 @@ class Phases:
           fingerprint: what the result depends on (recorded with the checkpoints).
           reference: the frozen reference policy of a DPO-family objective (None under LoRA:
             the reference is `model`, i.e. the adapters switched off).
-          lora: LoRA adapters attached to a copy of `model`: only they train (and are
-            checkpointed); the returned model carries them, its base weights `model`'s.
+          lora: LoRA adapters attached to a clone of `model` (its arrays shared, frozen):
+            only they train (and are checkpointed); the returned model carries them on
+            `model`'s base weights.
 
         Raises:
           ValueError: a reference together with LoRA.
