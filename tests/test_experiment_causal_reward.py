@@ -233,6 +233,18 @@ def test_build_md_command_is_the_paper_config():
     assert parse_config(Config, args) == PAPER
 
 
+def test_smoke_token_budgets_are_the_largest_the_studies_need():
+    """SMOKE's one set of budgets is the elementwise max of the budgets measured on each
+    study's data (the measured path the embedded default runs)."""
+    measured = dataclasses.replace(SMOKE, token_budgets=())
+    budgets = [pipeline._budgets(measured, name, STUDIES[name].build(measured),
+                                 default_tokenizer()) for name in SMOKE.studies]
+    keys = ("max_prompt_length", "max_length", "max_new_tokens")
+    assert all(b["prompt_width"] == b["max_prompt_length"] for b in budgets)
+    assert SMOKE.token_budgets == tuple(max(b[k] for b in budgets) for k in keys)
+    assert len({tuple(b[k] for k in keys) for b in budgets}) == len(budgets)  # all differ
+
+
 def test_token_budgets_below_the_data_are_refused():
     config = dataclasses.replace(SMOKE, token_budgets=(20, 80, 40))
     data = STUDIES["sycophancy"].build(config)

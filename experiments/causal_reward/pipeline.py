@@ -223,7 +223,7 @@ SMOKE = dataclasses.replace(
     length_bins=3, lambdas=(1.0,), sft_steps=4, sft_batch_size=8, rm_steps=4, rm_batch_size=8,
     ppo_iterations=1, ppo_batch_size=8, ppo_epochs=1, ppo_minibatches=1, dpo_steps=2,
     dpo_batch_size=8, eval_samples=2, length_penalties=(0.0, 0.01), save_every=2,
-    eval_decisions=2, token_budgets=(69, 80, 40), eval_batch_size=64, progress=False,
+    eval_decisions=2, token_budgets=(68, 80, 40), eval_batch_size=64, progress=False,
     plots=False)
 """Smoke size: every phase of every study runs, a few steps each, one seed, the discrimination
 evaluation over 2 of its 6 decision templates, every study at the same token budgets (the
