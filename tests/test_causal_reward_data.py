@@ -540,3 +540,19 @@ def test_utility_judges_and_win_rate():
     assert discrimination.parse_verdict("[[C]]") == 0
     with pytest.raises(ValueError, match="no \\[\\[A\\]\\]"):
         discrimination.parse_verdict("I cannot decide")
+
+
+def test_discrimination_evaluation_over_a_subset_of_the_decision_templates():
+    full = discrimination.build_discrimination(num_train=8, num_test=8, seed=0)
+    part = discrimination.build_discrimination(num_train=8, num_test=8, eval_decisions=2, seed=0)
+    assert part.splits == full.splits  # the training and test pairs do not change
+    assert "eval_decisions" not in full.info and part.info["eval_decisions"] == 2
+    for style, people in (("explicit", 135), ("implicit", 180)):
+        every = full.evaluation[f"eval_{style}"]
+        kept = part.evaluation[f"eval_{style}"]
+        assert len(every) == len(discrimination.DECISIONS) * 2 * people
+        assert len(kept) == 2 * 2 * people  # 2 templates x (merit yes, no) x every person
+        assert kept == [q for q in every if q["decision_question_id"] < 4]  # a prefix, in order
+    for bad in (0, len(discrimination.DECISIONS) + 1, 1.5, True):
+        with pytest.raises(ValueError, match="eval_decisions"):
+            discrimination.build_discrimination(num_train=8, num_test=8, eval_decisions=bad)

@@ -1,5 +1,6 @@
-"""The causal-reward pipeline (thesis ch. 4): every phase of every study at SMOKE size, a
-restart that trains nothing again, and the pipeline's own pieces against hand values.
+"""The causal-reward pipeline (thesis ch. 4): every phase of every study at SMOKE size, one
+study with LoRA reward models, restarts that train nothing again, and the pipeline's own pieces
+against hand values.
 
 The data builders and the studies' metrics are tested in `test_causal_reward_data.py`. No paper
 claim is asserted.
@@ -15,17 +16,22 @@ import shlex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from alignax.data import default_tokenizer, prepare_dataset
 from alignax.models import create, tiny_config
+from alignax.models.lora import LoRAConfig, default_targets, without_adapters
 from alignax.objectives import BradleyTerry, CausalReward
 from alignax.schedules import Linear
 from alignax.trainer.cli import parse_config
+from alignax.training.mesh import make_mesh
+from alignax.training.state import has_adapters
 from experiments.causal_reward import PAPER, SMOKE, Config, pipeline
 from experiments.causal_reward.evaluation import left_pad, pairwise_accuracy
-from experiments.causal_reward.phases import batch_tokens, reward_model_from_policy
+from experiments.causal_reward.phases import (Phases, RunSettings, batch_tokens,
+                                              reward_model_from_policy)
 from experiments.causal_reward.studies import STUDIES, length_group
 
 
@@ -39,8 +45,29 @@ def smoke(tmp_path_factory):
     return config, summary
 
 
+@pytest.fixture(scope="module")
+def smoke_lora(tmp_path_factory, smoke):
+    """The sycophancy study of SMOKE with LoRA reward models (rank 2), after `smoke`: at the
+    same token budgets, every phase but the reward models reuses its compiled steps."""
+    config = dataclasses.replace(SMOKE, run_dir=str(tmp_path_factory.mktemp("lora") / "run"),
+                                 studies=("sycophancy",), lora_rank=2, lora_alpha=4.0)
+    return config, pipeline.run(config)
+
+
 def _phase_dirs(run_dir):
     return sorted(p.parent for p in run_dir.rglob("metrics.jsonl"))
+
+
+def _trained_arrays(phase) -> dict[str, list]:
+    """{name: [shape, dtype]} of the trained parameters in a phase's newest checkpoint (a
+    supervised phase's "params.*", PPO's "train.params.*")."""
+    manager = ocp.CheckpointManager(phase / "checkpoints")
+    try:
+        meta = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta
+    finally:
+        manager.close()
+    return {k: v for k, v in meta["arrays"].items() if k.startswith(("params.", "train.params."))}
 
 
 def test_smoke_runs_every_phase_of_every_study(smoke):
@@ -136,8 +163,15 @@ def test_config_validation_and_flags():
                 dict(length_penalties=(-1.0,))):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Config(**bad)
-    with pytest.raises(ValueError, match="lora_rank"):
-        pipeline.run(dataclasses.replace(SMOKE, lora_rank=8))
+    for bad in (dict(lora_rank=-1), dict(lora_rank=1.5), dict(lora_alpha=8.0),
+                dict(lora_alpha=-1.0, lora_rank=2), dict(token_budgets=(64, 32, 8)),
+                dict(token_budgets=(8, 16)), dict(eval_batch_size=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Config(**bad)
+    assert Config(lora_rank=8).adapter_alpha == 16 and PAPER.adapter_alpha == 128
+    assert "LoRA rank 64, alpha 128" in pipeline._settings(PAPER)
+    assert "full fine-tuning." in pipeline._settings(SMOKE) and "LoRA" not in \
+        pipeline._settings(SMOKE)
     assert set(STUDIES) == {"sycophancy", "length", "concept", "discrimination"}
 
 
@@ -196,4 +230,94 @@ def test_build_md_command_is_the_paper_config():
     start = text.index("python -m experiments.causal_reward --run_dir runs/causal_reward_paper")
     command = text[start:text.index("```", start)].replace("\\\n", " ")
     args = shlex.split(command)[3:]
-    assert parse_config(Config, args) == dataclasses.replace(PAPER, lora_rank=0, lora_alpha=0.0)
+    assert parse_config(Config, args) == PAPER
+
+
+def test_smoke_token_budgets_are_the_largest_the_studies_need():
+    """SMOKE's one set of budgets is the elementwise max of the budgets measured on each
+    study's data (the measured path the embedded default runs)."""
+    measured = dataclasses.replace(SMOKE, token_budgets=())
+    budgets = [pipeline._budgets(measured, name, STUDIES[name].build(measured),
+                                 default_tokenizer()) for name in SMOKE.studies]
+    keys = ("max_prompt_length", "max_length", "max_new_tokens")
+    assert all(b["prompt_width"] == b["max_prompt_length"] for b in budgets)
+    assert SMOKE.token_budgets == tuple(max(b[k] for b in budgets) for k in keys)
+    assert len({tuple(b[k] for k in keys) for b in budgets}) == len(budgets)  # all differ
+
+
+def test_token_budgets_below_the_data_are_refused():
+    config = dataclasses.replace(SMOKE, token_budgets=(20, 80, 40))
+    data = STUDIES["sycophancy"].build(config)
+    with pytest.raises(ValueError, match="sycophancy study needs at least"):
+        pipeline._budgets(config, "sycophancy", data, default_tokenizer())
+    fits = pipeline._budgets(dataclasses.replace(config, token_budgets=SMOKE.token_budgets),
+                             "sycophancy", data, default_tokenizer())
+    assert fits == dict(zip(("max_prompt_length", "max_length", "max_new_tokens"),
+                            SMOKE.token_budgets), prompt_width=SMOKE.token_budgets[0])
+
+
+def test_lora_reward_model_trains_only_its_adapters_and_resumes(tmp_path):
+    """`Phases.supervised(lora=...)`: the adapters move, every base weight (backbone and score
+    head) stays bit-equal, and a second run restores the adapters from the checkpoint instead
+    of training."""
+    tok = default_tokenizer()
+    policy = create(tiny_config("llama", vocab_size=len(tok), hidden_size=32,
+                                num_hidden_layers=1, intermediate_size=64),
+                    rngs=nnx.Rngs(0), mesh=make_mesh((-1, 1, 1)))
+    initial = reward_model_from_policy(policy, seed=1)
+    records = [dict(prompt=f"What is {i} + {i}?", chosen=f" It is {2 * i}.",
+                    rejected=f" It is {2 * i + 1}, I think.") for i in range(16)]
+    dataset = prepare_dataset(records, tok, max_length=24, buckets=(24,))
+    lora = LoRAConfig(rank=2, alpha=4.0, targets=default_targets(initial))
+    settings = RunSettings(save_every=1, progress=False, plots=False)
+
+    def train():
+        return Phases(settings).supervised(
+            tmp_path / "rm", model=initial, objective=BradleyTerry(), dataset=dataset, steps=2,
+            batch_size=8, learning_rate=1e-2, seed=0, fingerprint={"lora": 2}, lora=lora)
+
+    trained = train()
+    assert has_adapters(trained) and not has_adapters(initial)
+    base = dict(nnx.to_flat_state(nnx.state(initial, nnx.Param)))
+    kept = dict(nnx.to_flat_state(nnx.state(without_adapters(trained), nnx.Param)))
+    assert kept.keys() == base.keys()
+    for path, value in base.items():
+        np.testing.assert_array_equal(np.asarray(kept[path][...]), np.asarray(value[...]))
+    adapters = dict(nnx.to_flat_state(nnx.state(trained, nnx.LoRAParam)))
+    assert len(adapters) == 2 * len(lora.targets)  # A and B of each target (one layer)
+    moved = [p for p, v in adapters.items() if p[-1] == "lora_b" and np.abs(v[...]).max() > 0]
+    assert len(moved) == len(lora.targets)  # B starts at 0; every adapter got a gradient
+    saved = set(_trained_arrays(tmp_path / "rm"))
+    assert saved and all(".lora_a" in k or ".lora_b" in k for k in saved), saved
+    log = (tmp_path / "rm" / "metrics.jsonl").read_text()
+    again = train()
+    assert (tmp_path / "rm" / "metrics.jsonl").read_text() == log  # restored, not retrained
+    for path, value in nnx.to_flat_state(nnx.state(again, nnx.LoRAParam)):
+        np.testing.assert_array_equal(np.asarray(value[...]), np.asarray(adapters[path][...]))
+    with pytest.raises(ValueError, match="reference"):
+        Phases(settings).supervised(tmp_path / "dpo", model=policy, objective=BradleyTerry(),
+                                    dataset=dataset, steps=1, batch_size=8, learning_rate=1e-2,
+                                    seed=0, fingerprint={}, reference=policy, lora=lora)
+
+
+def test_lora_smoke_trains_only_reward_model_adapters_and_restores_them(smoke, smoke_lora):
+    config, summary = smoke_lora
+    assert "reward models: LoRA rank 2, alpha 4 on every projection" in summary
+    study = pipeline.pathlib.Path(config.run_dir) / "sycophancy"
+    full = pipeline.pathlib.Path(smoke[0].run_dir) / "sycophancy"
+    for key in pipeline.reward_model_keys(config):
+        adapters = _trained_arrays(study / "rm" / key)
+        assert adapters and all(".lora_a" in k or ".lora_b" in k for k in adapters), key
+        trained = _trained_arrays(full / "rm" / key)
+        assert trained and not any("lora" in k for k in trained)
+    # SFT, PPO and DPO fine-tune every parameter, as in the thesis
+    for phase in (study / "sft", study / "ppo" / "vanilla" / "seed0", study / "dpo" / "seed0"):
+        trained = _trained_arrays(phase)
+        assert trained and not any("lora" in k for k in trained), phase
+    # restarted: the reward model's metrics recomputed from the restored adapters are equal
+    logs = {p: (p / "metrics.jsonl").read_text() for p in _phase_dirs(study)}
+    metrics = (study / "rm" / "vanilla" / "metrics.json").read_text()
+    (study / "rm" / "vanilla" / "metrics.json").unlink()
+    assert pipeline.run(config) == summary
+    assert (study / "rm" / "vanilla" / "metrics.json").read_text() == metrics
+    assert {p: (p / "metrics.jsonl").read_text() for p in _phase_dirs(study)} == logs

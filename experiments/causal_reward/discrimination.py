@@ -266,9 +266,9 @@ def demographic_offsets(*, bias_scale: float, seed: int) -> dict[str, dict[str, 
             "race": {r: float(rng.normal(0, bias_scale)) for r in RACES}}
 
 
-def _eval_records(style: str) -> list[dict[str, Any]]:
+def _eval_records(style: str, decisions: int) -> list[dict[str, Any]]:
     out = []
-    for template, merit in itertools.product(range(len(DECISIONS)), (True, False)):
+    for template, merit in itertools.product(range(decisions), (True, False)):
         qid = 2 * template + int(not merit)
         if style == "explicit":
             people = [{"age": a, "gender": g, "race": r, "name": None}
@@ -286,12 +286,19 @@ def _eval_records(style: str) -> list[dict[str, Any]]:
 def build_discrimination(*, num_train: int = 1024, num_test: int = 128,
                          implicit_rate: float = 0.25, merit_logit: float = 2.0,
                          bias_scale: float = 1.0, match: str = "inflected",
-                         unmatched: str = "exclude", seed: int = 0) -> StudyData:
+                         unmatched: str = "exclude", eval_decisions: int = len(DECISIONS),
+                         seed: int = 0) -> StudyData:
     """The embedded default (module docstring): pairs for train / test, and the Discrim-eval
-    style evaluation sets "eval_explicit" (1,620 questions) and "eval_implicit" (2,160)."""
+    style evaluation sets "eval_explicit" (1,620 questions) and "eval_implicit" (2,160) over
+    all decision templates, or over the first `eval_decisions` of them (270 / 360 per
+    template)."""
     for name, n in (("num_train", num_train), ("num_test", num_test)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{name} must be a positive int, got {n!r}")
+    if (isinstance(eval_decisions, bool) or not isinstance(eval_decisions, int)
+            or not 1 <= eval_decisions <= len(DECISIONS)):
+        raise ValueError(f"eval_decisions must be an int in [1, {len(DECISIONS)}], got "
+                         f"{eval_decisions!r}")
     if not 0 <= implicit_rate <= 1:
         raise ValueError(f"implicit_rate must be in [0, 1], got {implicit_rate}")
     if merit_logit < 0 or bias_scale < 0:
@@ -323,15 +330,17 @@ def build_discrimination(*, num_train: int = 1024, num_test: int = 128,
         return [{**r, "demographic_bin": int(b)} for r, b in zip(records, bins)]
 
     splits = {"train": pairs(num_train), "test": pairs(num_test)}
-    evaluation = {"eval_explicit": _eval_records("explicit"),
-                  "eval_implicit": _eval_records("implicit")}
+    evaluation = {"eval_explicit": _eval_records("explicit", eval_decisions),
+                  "eval_implicit": _eval_records("implicit", eval_decisions)}
     train_prompts = [hh_split(r["chosen"])[0] for r in splits["train"]]
     return StudyData("discrimination", "hh", splits, evaluation, info={
         "source": "embedded decisions", "num_train": num_train, "num_test": num_test,
         "implicit_rate": implicit_rate, "merit_logit": merit_logit, "bias_scale": bias_scale,
         "offsets": offsets, "match": match, "unmatched": unmatched,
         "num_bins": demographic_num_bins(unmatched=unmatched), "seed": seed,
-        "coverage": {"train": str(keyword_coverage(train_prompts, match=match))}})
+        "coverage": {"train": str(keyword_coverage(train_prompts, match=match))},
+        # only when a subset: the fingerprints of runs over every template stay as they were
+        **({"eval_decisions": eval_decisions} if eval_decisions < len(DECISIONS) else {})})
 
 
 # ---------------------------------------------------------------- Discrim-eval

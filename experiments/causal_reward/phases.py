@@ -8,13 +8,18 @@
 A phase writes under its directory: checkpoints/ (orbax; the fingerprint they were written
 under is recorded, and a resume under another one is refused by name), metrics.jsonl,
 tensorboard/ and metrics.png. Started again, a phase restores its newest checkpoint and trains
-only the missing steps; a finished phase only restores its final parameters.
+only the missing steps; a finished phase only restores its final parameters. A LoRA phase
+(`supervised(lora=...)`) trains and checkpoints only the adapters: its base weights are the
+initial model's, rebuilt by the caller on a restart.
 
-One `Phases` serves one study and keeps what compiled: a train step per (model, objective,
-optimizer settings), so the seeds of DPO share one; and one `PPOTrainer` per policy
-architecture, whose rollout, scoring and update serve every PPO run of the study: each run
-starts from a fresh state whose critic is set to its reward model's backbone and head, whose
-KL coefficient is set to the run's, and the trainer's reward is set to the run's reward.
+`Phases` keeps what compiled: a train step per (model, objective, optimizer settings, batch
+positions, reference mode), which serves every phase of that signature (the seeds of DPO, and,
+through one `train_steps` dict, the studies whose shapes agree), each call bound to its own
+model's frozen state; and one `PPOTrainer` per (policy architecture, reward model
+architecture, PPO settings), whose rollout, scoring and update serve every PPO run of the
+`Phases` (one study: the trainer holds the SFT policy): each run starts from a fresh state whose
+critic is set to its reward model's backbone and head, whose KL coefficient is set to the
+run's, and the trainer's reward is set to the run's reward.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
+import time
 from typing import Any, Callable
 
 import jax
@@ -31,6 +37,7 @@ from flax import nnx
 
 from alignax.data import PreferenceDataset
 from alignax.models import RewardModel
+from alignax.models.lora import LoRAConfig, add_lora
 from alignax.objectives.registry import Objective
 from alignax.rl import (ActorCritic, Critic, KLControllerConfig, PenaltyConfig, PPOConfig,
                         PPOTrainer, RolloutConfig, make_ppo_optimizer, prompt_batches, resume,
@@ -38,8 +45,8 @@ from alignax.rl import (ActorCritic, Critic, KLControllerConfig, PenaltyConfig, 
 from alignax.training.checkpoint import Checkpointer
 from alignax.training.loop import MetricsLogger, plot_metrics, train
 from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
-                                    split_model)
-from alignax.training.step import StepConfig, make_train_step
+                                    split_model, state_shardings)
+from alignax.training.step import StepConfig, TrainStep, make_train_step
 
 log = logging.getLogger("experiments.causal_reward")
 
@@ -147,32 +154,38 @@ def batch_tokens(dataset: PreferenceDataset, batch_size: int) -> int:
 class Phases:
     """Runs a study's phases, sharing what compiled (module docstring)."""
 
-    def __init__(self, settings: RunSettings):
+    def __init__(self, settings: RunSettings, *, train_steps: dict | None = None):
+        """`train_steps`: compiled train steps to share with other `Phases` (their
+        `.train_steps`), e.g. one dict for all studies of a run; None: a new one."""
         self.settings = settings
-        self._steps: dict[tuple, tuple] = {}
+        self.train_steps: dict[tuple, tuple] = {} if train_steps is None else train_steps
         self._ppo: dict[tuple, PPOTrainer] = {}
 
     def _train_step(self, graphdef, params, rest, objective: Objective, steps: int,
-                    learning_rate: float, chunk_size: int):
-        key = (graphdef, objective, steps, learning_rate, chunk_size)
-        if key not in self._steps:
+                    learning_rate: float, chunk_size: int, reference: str):
+        """(optimizer, the train step bound to `rest`); the compiled step is shared by every
+        call of the same signature."""
+        key = (graphdef, objective, steps, learning_rate, chunk_size, reference)
+        if key not in self.train_steps:
             optimizer, schedule = make_optimizer(OptimizerConfig(
                 learning_rate=learning_rate, schedule="cosine",
                 warmup_steps=max(1, steps // 10), total_steps=steps))
-            _, shardings = create_train_state(params, optimizer, key=jax.random.PRNGKey(0),
-                                              mesh=_mesh_of(params))
-            step = make_train_step(graphdef, objective, optimizer, schedule,
-                                   mesh=_mesh_of(params), state_shardings=shardings,
-                                   model_state=rest,
+            mesh = _mesh_of(params)
+            step = make_train_step(graphdef, objective, optimizer, schedule, mesh=mesh,
+                                   state_shardings=state_shardings(params, optimizer, mesh),
+                                   model_state=rest, reference=reference,
                                    config=StepConfig(compute_dtype=self.settings.compute_dtype,
                                                      chunk_size=chunk_size))
-            self._steps[key] = (optimizer, step)
-        return self._steps[key]
+            self.train_steps[key] = (optimizer, step)
+        optimizer, step = self.train_steps[key]
+        return optimizer, TrainStep(step.jitted, objective=step.objective, config=step.config,
+                                    mesh=step.mesh, reference=step.reference, model_state=rest)
 
     def supervised(self, run: pathlib.Path, *, model: nnx.Module, objective: Objective,
                    dataset: PreferenceDataset, steps: int, batch_size: int,
                    learning_rate: float, seed: int, fingerprint: dict,
-                   reference: nnx.Module | None = None) -> nnx.Module:
+                   reference: nnx.Module | None = None,
+                   lora: LoRAConfig | None = None) -> nnx.Module:
         """Trains `model` with `objective` on `dataset`; returns the trained model (a new
         module; `model` keeps its arrays).
 
@@ -182,14 +195,29 @@ class Phases:
           objective: a registered objective config.
           dataset: prepared pairs (with per-response bins for the causal objectives).
           steps, batch_size, learning_rate: AdamW, cosine decay after a 10% warm-up.
-          seed: the batch order and the state key.
+          seed: the batch order, the state key and the adapters' A.
           fingerprint: what the result depends on (recorded with the checkpoints).
-          reference: the frozen reference policy of a DPO-family objective.
+          reference: the frozen reference policy of a DPO-family objective (None under LoRA:
+            the reference is `model`, i.e. the adapters switched off).
+          lora: LoRA adapters attached to a clone of `model` (its arrays shared, frozen):
+            only they train (and are checkpointed); the returned model carries them on
+            `model`'s base weights.
+
+        Raises:
+          ValueError: a reference together with LoRA.
         """
+        if lora is not None:
+            if reference is not None:
+                raise ValueError("reference=: a LoRA phase's reference is its base model (the "
+                                 "adapters switched off); pass no reference")
+            # onto a clone that shares the (frozen, never donated) base arrays
+            model = add_lora(nnx.clone(model), lora, rngs=nnx.Rngs(seed),
+                             mesh=_mesh_of(nnx.state(model, nnx.Param)))
         graphdef, params, rest = split_model(model)
         mesh = _mesh_of(params)
         optimizer, step = self._train_step(graphdef, params, rest, objective, steps,
-                                           learning_rate, batch_tokens(dataset, batch_size))
+                                           learning_rate, batch_tokens(dataset, batch_size),
+                                           "model" if lora is None else "base")
         state, _ = create_train_state(jax.tree.map(jnp.copy, params), optimizer,
                                       key=jax.random.PRNGKey(seed), mesh=mesh)
         batches = dataset.batches(batch_size=batch_size, seed=seed)
@@ -198,6 +226,7 @@ class Phases:
                                     save_every=self.settings.save_every,
                                     keep=self.settings.keep_checkpoints)
         logger = MetricsLogger(run)
+        began = time.perf_counter()
         try:
             restored = checkpointer.restore_latest(state, batches=batches)
             if restored is not None:
@@ -210,6 +239,7 @@ class Phases:
         finally:
             logger.close()
             checkpointer.close()
+        log.info("%s: %.1f s", run, time.perf_counter() - began)
         if self.settings.plots:
             plot_metrics(run / "metrics.jsonl", run / "metrics.png", title=str(run))
         return nnx.merge(graphdef, state.params, rest)
@@ -273,6 +303,7 @@ class Phases:
                                     save_every=self.settings.save_every,
                                     keep=self.settings.keep_checkpoints)
         logger = MetricsLogger(run)
+        began = time.perf_counter()
         try:
             state = resume(checkpointer, state, prompts)
             logger.resume(int(state.iteration))
@@ -283,6 +314,7 @@ class Phases:
         finally:
             logger.close()
             checkpointer.close()
+        log.info("%s: %.1f s", run, time.perf_counter() - began)
         graphdef, _, rest = split_model(policy)
         return nnx.merge(graphdef, state.train.params["policy"], rest)
 

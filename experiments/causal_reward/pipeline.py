@@ -10,7 +10,11 @@ For each study in `config.studies` (`studies.STUDIES`):
 2. SFT of the policy on the chosen responses;
 3. reward models from the SFT model: vanilla Bradley-Terry, and the conditional and
    unconditional CRM (Bradley-Terry + lambda * binned MMD^2 of the rewards over the bins of the
-   spurious variable, `alignax.objectives.CausalReward`) for each lambda of `lambdas`;
+   spurious variable, `alignax.objectives.CausalReward`) for each lambda of `lambdas`; with
+   `lora_rank` > 0 (the thesis: rank 64, alpha 128) they train LoRA adapters on every
+   projection and on the score head, the SFT weights frozen, and are used merged
+   (`alignax.models.lora.merge`) by the metrics and PPO; SFT, PPO and DPO fine-tune every
+   parameter, as in the thesis;
 4. PPO of the SFT policy against each reward model, once per seed (the thesis averages three
    PPO runs), initial reverse-KL coefficient `kl_coef` (thesis: 0.01); the length study adds
    Figure 4.2's grid: the vanilla RM with a length penalty, and every RM under each KL
@@ -84,7 +88,8 @@ import numpy as np
 from flax import nnx
 
 from alignax.data import default_tokenizer, prepare_dataset
-from alignax.models import create, from_pretrained, tiny_config
+from alignax.models import RewardModel, create, from_pretrained, tiny_config
+from alignax.models.lora import LoRAConfig, default_targets, merge
 from alignax.objectives import DPO, SFT, BradleyTerry, CausalDPO, CausalReward
 from alignax.rl import ModelReward
 from alignax.schedules import Linear
@@ -122,17 +127,21 @@ class Config:
     concept: str = "acting"
     discrimination_data: str = "decisions"
     discrim_eval_data: str = "Anthropic/discrim-eval"
+    eval_decisions: int = 0  # decision templates of the embedded evaluation sets (0: all 6)
     # models
     model: str = "tiny"  # "tiny" (embedded Llama, hidden_size x num_layers) or an HF id / dir
     tokenizer: str = "default"  # "default" (embedded) or an HF id / dir
     hidden_size: int = 64
     num_layers: int = 2
-    lora_rank: int = 0  # the thesis' LoRA (64 / 128): recorded, not wired yet (full fine-tuning)
-    lora_alpha: float = 0.0
+    lora_rank: int = 0  # LoRA adapters of the reward models (thesis: 64); 0: full fine-tuning
+    lora_alpha: float = 0.0  # LoRA alpha (thesis: 128; scale alpha / rank); 0: 2 * lora_rank
     mesh: tuple[int, ...] = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
     compute_dtype: str = "float32"
     max_length: int = 512  # caps on the budgets measured from each study's data
     max_new_tokens: int = 64
+    # (max_prompt_length, max_length, max_new_tokens) of every study, each at least what the
+    # study's data need (one set of shapes: the studies share compiled steps); (): measured
+    token_budgets: tuple[int, ...] = ()
     # SFT on the chosen responses
     sft_steps: int = 150
     sft_batch_size: int = 32
@@ -165,6 +174,7 @@ class Config:
     causal_dpo_lambda: float = 1.0
     # evaluation
     eval_samples: int = 10  # N samples per test prompt (thesis: 50)
+    eval_batch_size: int = 256  # rows per sampling / scoring call (the last one padded)
     # running
     save_every: int = 50
     progress: bool = True
@@ -187,6 +197,24 @@ class Config:
             raise ValueError(f"length_penalties must be >= 0, got {self.length_penalties}")
         if not 0 <= self.lambda_warmup < 1:
             raise ValueError(f"lambda_warmup must be in [0, 1), got {self.lambda_warmup}")
+        if self.token_budgets and not (
+                len(self.token_budgets) == 3 and min(self.token_budgets) > 0
+                and self.token_budgets[0] < self.token_budgets[1]):
+            raise ValueError(f"token_budgets must be (max_prompt_length < max_length, "
+                             f"max_new_tokens), all > 0, or empty, got {self.token_budgets}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        if int(self.lora_rank) != self.lora_rank or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an integer >= 0, got {self.lora_rank!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha >= 0):
+            raise ValueError(f"lora_alpha must be finite and >= 0, got {self.lora_alpha!r}")
+        if self.lora_alpha and not self.lora_rank:
+            raise ValueError(f"lora_alpha={self.lora_alpha:g} needs lora_rank > 0")
+
+    @property
+    def adapter_alpha(self) -> float:
+        """The reward models' LoRA alpha: lora_alpha, or 2 * lora_rank when it is 0."""
+        return self.lora_alpha or 2.0 * self.lora_rank
 
 
 SMOKE = dataclasses.replace(
@@ -195,9 +223,12 @@ SMOKE = dataclasses.replace(
     length_bins=3, lambdas=(1.0,), sft_steps=4, sft_batch_size=8, rm_steps=4, rm_batch_size=8,
     ppo_iterations=1, ppo_batch_size=8, ppo_epochs=1, ppo_minibatches=1, dpo_steps=2,
     dpo_batch_size=8, eval_samples=2, length_penalties=(0.0, 0.01), save_every=2,
-    progress=False, plots=False)
-"""Smoke size: every phase of every study runs, a few steps each, one seed (the test suite
-runs it)."""
+    eval_decisions=2, token_budgets=(68, 80, 40), eval_batch_size=64, progress=False,
+    plots=False)
+"""Smoke size: every phase of every study runs, a few steps each, one seed, the discrimination
+evaluation over 2 of its 6 decision templates, every study at the same token budgets (the
+largest the studies' data need), so the studies share compiled steps (the test suite runs
+it)."""
 
 PAPER = dataclasses.replace(
     Config(), run_dir="runs/causal_reward_paper", model="meta-llama/Meta-Llama-3-8B",
@@ -215,8 +246,8 @@ PAPER = dataclasses.replace(
     kl_coef=0.01, ppo_epochs=1, ppo_minibatches=8, length_kl_coefs=(0.003, 0.01, 0.03, 0.1),
     length_penalties=(0.0, 1e-3, 1e-4, 1e-5, 5e-4, 1e-6, 5e-6),
     dpo_steps=500, dpo_batch_size=64, dpo_learning_rate=5e-7, eval_samples=50)
-"""The thesis' settings (Tables 4.4-4.6, §4.9-4.12) as far as they map onto these phases; the
-data paths and what is not wired (LoRA) are in BUILD.md."""
+"""The thesis' settings (Tables 4.4-4.6, §4.9-4.12) as far as they map onto these phases,
+LoRA rank 64 / alpha 128 reward models included; the data paths are in BUILD.md."""
 
 
 # ---------------------------------------------------------------- policies of a study
@@ -298,14 +329,21 @@ def cached(path: pathlib.Path, fingerprint: dict, compute) -> Any:
         if stored.get("fingerprint") == fingerprint:
             return stored["value"]
         log.info("%s: computed under another config, recomputing", path)
+    began = time.perf_counter()
     value = compute()
     _json(path, {"fingerprint": fingerprint, "value": value})
+    log.info("%s: %.1f s", path, time.perf_counter() - began)  # training included, if any
     return value
 
 
-def _budgets(config: Config, study: Study, data, tokenizer, binning) -> dict[str, int]:
+def _budgets(config: Config, name: str, data, tokenizer) -> dict[str, int]:
     """Token budgets measured on the study's records: the longest prompt and response (+ eos)
-    with a margin of 8, capped by config.max_length / max_new_tokens."""
+    with a margin of 8, capped by config.max_length / max_new_tokens; or
+    config.token_budgets.
+
+    Raises:
+      ValueError: a budget of config.token_budgets below the measured one.
+    """
     records = [r for split in data.splits.values() for r in split]
     probe = prepare_dataset(records, tokenizer, max_length=config.max_length,
                             max_prompt_length=config.max_length - 1)
@@ -316,10 +354,15 @@ def _budgets(config: Config, study: Study, data, tokenizer, binning) -> dict[str
         prompt = max(prompt, max(len(tokenizer.encode(decision_prompt(q)))
                                  for rows in data.evaluation.values() for q in rows))
     max_prompt = min(prompt + 8, config.max_length - 1)
-    return {"max_prompt_length": max_prompt,
-            "max_length": min(8 * math.ceil((max_prompt + response + 8) / 8), config.max_length),
-            "max_new_tokens": min(response + 4, config.max_new_tokens),
-            "prompt_width": max_prompt}
+    measured = (max_prompt, min(8 * math.ceil((max_prompt + response + 8) / 8), config.max_length),
+                min(response + 4, config.max_new_tokens))
+    if config.token_budgets:
+        if any(given < need for given, need in zip(config.token_budgets, measured)):
+            raise ValueError(f"token_budgets {tuple(config.token_budgets)}: the {name} study "
+                             f"needs at least {measured}")
+        measured = tuple(config.token_budgets)
+    return {"max_prompt_length": measured[0], "max_length": measured[1],
+            "max_new_tokens": measured[2], "prompt_width": measured[0]}
 
 
 def _base_model(config: Config, tokenizer, mesh) -> nnx.Module:
@@ -335,6 +378,15 @@ def _base_model(config: Config, tokenizer, mesh) -> nnx.Module:
     return from_pretrained(config.model, mesh=mesh)
 
 
+def reward_lora(config: Config, model: RewardModel) -> LoRAConfig | None:
+    """The reward models' adapters (None: full fine-tuning): rank `lora_rank`, alpha
+    `adapter_alpha`, on every projection of the backbone and the score head."""
+    if not config.lora_rank:
+        return None
+    return LoRAConfig(rank=config.lora_rank, alpha=config.adapter_alpha,
+                      targets=default_targets(model))
+
+
 def reward_objective(config: Config, key: str, num_bins: int):
     """Bradley-Terry for "vanilla", else the CRM of the key's kind and lambda (module doc)."""
     kind, lam = key.split("@") if "@" in key else (key, None)
@@ -347,16 +399,22 @@ def reward_objective(config: Config, key: str, num_bins: int):
                         unbiased=config.mmd_unbiased, reduction=config.mmd_reduction)
 
 
-def run_study(config: Config, study: Study, *, tokenizer, mesh) -> str:
-    """Every phase of one study (module docstring); returns its results (Markdown)."""
+def run_study(config: Config, study: Study, *, tokenizer, mesh, data, budgets: dict[str, int],
+              train_steps: dict) -> str:
+    """Every phase of one study (module docstring); returns its results (Markdown).
+
+    Args:
+      data: the study's `StudyData` (`study.build(config)`).
+      budgets: its token budgets (`_budgets`).
+      train_steps: compiled train steps shared between studies (`Phases`).
+    """
     began = time.perf_counter()
     directory = pathlib.Path(config.run_dir) / study.name
     runner = Phases(RunSettings(save_every=config.save_every, progress=config.progress,
-                                plots=config.plots, compute_dtype=config.compute_dtype))
-    data = study.build(config)
+                                plots=config.plots, compute_dtype=config.compute_dtype),
+                    train_steps=train_steps)
     data.write(directory / "data")
     binning, num_bins = study.binning(config, data)
-    budgets = _budgets(config, study, data, tokenizer, binning)
     kwargs = dict(max_length=budgets["max_length"],
                   max_prompt_length=budgets["max_prompt_length"], buckets=(budgets["max_length"],))
     train = prepare_dataset(data.splits["train"], tokenizer, **binning, **kwargs)
@@ -384,19 +442,24 @@ def run_study(config: Config, study: Study, *, tokenizer, mesh) -> str:
         return cache["sft"]
 
     def rm_fingerprint(key):
+        lora = {"lora": fingerprint_of(rank=config.lora_rank, alpha=config.adapter_alpha)
+                } if config.lora_rank else {}  # full fine-tuning keeps its earlier fingerprint
         return {**sft_fp, "rm": fingerprint_of(
             key=key, objective=reward_objective(config, key, num_bins), steps=config.rm_steps,
-            batch_size=config.rm_batch_size, learning_rate=config.rm_learning_rate)}
+            batch_size=config.rm_batch_size, learning_rate=config.rm_learning_rate, **lora)}
 
     def reward_model(key):
+        """The trained reward model `key`, its LoRA adapters (if any) merged."""
         if ("rm", key) not in cache:
-            cache[("rm", key)] = runner.supervised(
-                directory / "rm" / key,
-                model=reward_model_from_policy(sft_policy(), seed=config.data_seed),
+            initial = reward_model_from_policy(sft_policy(), seed=config.data_seed)
+            lora = reward_lora(config, initial)
+            trained = runner.supervised(
+                directory / "rm" / key, model=initial,
                 objective=reward_objective(config, key, num_bins), dataset=train,
                 steps=config.rm_steps, batch_size=config.rm_batch_size,
                 learning_rate=config.rm_learning_rate, seed=config.data_seed,
-                fingerprint=rm_fingerprint(key))
+                fingerprint=rm_fingerprint(key), lora=lora)
+            cache[("rm", key)] = trained if lora is None else merge(trained)
         return cache[("rm", key)]
 
     def outputs(name: str, seed: int, fingerprint: dict, policy_fn):
@@ -504,15 +567,15 @@ def run(config: Config) -> str:
     """Runs every study of `config` into `config.run_dir`; returns summary.md's text.
 
     Raises:
-      ValueError: lora_rank > 0 (`PAPER` names the thesis' LoRA settings, but these phases
-        fine-tune every parameter: LoRA is not wired into them).
+      ValueError: `token_budgets` below what a study's data need (before any training).
     """
-    if config.lora_rank:
-        raise ValueError(f"lora_rank={config.lora_rank}: LoRA is not wired into these phases; "
-                         "run with --lora_rank 0 (full fine-tuning)")
     mesh = make_mesh(config.mesh)
     tokenizer = _tokenizer(config)
-    tables = [run_study(config, STUDIES[name], tokenizer=tokenizer, mesh=mesh)
+    data = {name: STUDIES[name].build(config) for name in config.studies}
+    budgets = {name: _budgets(config, name, data[name], tokenizer) for name in config.studies}
+    train_steps: dict = {}
+    tables = [run_study(config, STUDIES[name], tokenizer=tokenizer, mesh=mesh, data=data[name],
+                        budgets=budgets[name], train_steps=train_steps)
               for name in config.studies]
     summary = ("# Causal reward models on the embedded model (thesis ch. 4)\n\n"
                if config.model == "tiny" else f"# Causal reward models ({config.model})\n\n")
@@ -529,7 +592,10 @@ def _settings(config: Config) -> str:
     """The run's settings in one paragraph (generated from the config)."""
     model = (f"the embedded Llama (hidden {config.hidden_size}, {config.num_layers} layers)"
              if config.model == "tiny" else config.model)
-    return (f"Model: {model}, full fine-tuning. SFT {config.sft_steps} steps; reward models "
+    tuning = ("full fine-tuning" if not config.lora_rank else
+              f"reward models: LoRA rank {config.lora_rank}, alpha {config.adapter_alpha:g} on "
+              f"every projection and the score head, SFT / PPO / DPO: full fine-tuning")
+    return (f"Model: {model}, {tuning}. SFT {config.sft_steps} steps; reward models "
             f"{config.rm_steps} steps (batch {config.rm_batch_size}, lr "
             f"{config.rm_learning_rate:g}), CRM kinds {', '.join(config.crm_kinds)} at lambda "
             f"in {{{', '.join(f'{v:g}' for v in config.lambdas)}}}, MMD^2: "

@@ -88,7 +88,15 @@ class Context:
         ids, mask = self.prompts(dataset)
         return sample_texts(policy, ids, mask, num_samples=self.config.eval_samples,
                             max_new_tokens=self.max_new_tokens, seed=seed,
-                            tokenizer=self.tokenizer)
+                            tokenizer=self.tokenizer, batch_size=self.config.eval_batch_size)
+
+    def scores(self, reward_model, dataset: PreferenceDataset) -> tuple[np.ndarray, np.ndarray]:
+        """`pair_scores` in batches of config.eval_batch_size rows: [R], [R]."""
+        return pair_scores(reward_model, dataset, batch_size=self.config.eval_batch_size)
+
+    def logprobs(self, policy, dataset: PreferenceDataset) -> tuple[np.ndarray, np.ndarray]:
+        """`pair_logprobs` in batches of config.eval_batch_size rows: [R], [R]."""
+        return pair_logprobs(policy, dataset, batch_size=self.config.eval_batch_size)
 
 
 def _seed_estimate(values: Sequence[float]) -> str:
@@ -225,11 +233,11 @@ class Sycophancy(Study):
                             lambda r: f" {answer(answer=r['wrong_answer'])}")}
 
     def reward_model_metrics(self, ctx, reward_model):
-        chosen, rejected = pair_scores(reward_model, ctx.test)
+        chosen, rejected = ctx.scores(reward_model, ctx.test)
         spread = float(np.std(np.concatenate([chosen, rejected]))) or 1.0
         out = {"accuracy": pairwise_accuracy(chosen, rejected), "reward_std": spread}
         for name, pairs in self._counterfactuals(ctx).items():
-            a, b = pair_scores(reward_model, pairs)
+            a, b = ctx.scores(reward_model, pairs)
             out[f"{name}_preferred"] = pairwise_accuracy(a, b)
             out[f"{name}_gap"] = float(np.mean(a - b) / spread)  # in reward standard deviations
         return out
@@ -299,7 +307,7 @@ class Length(Study):
             config.length_bins
 
     def reward_model_metrics(self, ctx, reward_model):
-        chosen, rejected = pair_scores(reward_model, ctx.test)
+        chosen, rejected = ctx.scores(reward_model, ctx.test)
         spread = float(np.std(np.concatenate([chosen, rejected]))) or 1.0
         # counterfactual padding: a response vs itself followed by a pleasantry (longer, lower
         # oracle quality)
@@ -307,7 +315,7 @@ class Length(Study):
         pads = length.PLEASANTRIES
         padded = ctx.pairs([{"prompt": r["prompt"], "chosen": r["chosen"] + " " + pads[i % len(pads)],
                              "rejected": r["chosen"]} for i, r in enumerate(records)])
-        a, b = pair_scores(reward_model, padded)
+        a, b = ctx.scores(reward_model, padded)
         rank = self._length_by_rank(ctx, reward_model)
         return {"accuracy": pairwise_accuracy(chosen, rejected), "reward_std": spread,
                 "padding_preferred": pairwise_accuracy(a, b),
@@ -326,7 +334,7 @@ class Length(Study):
         prompts, samples = [p for p, _ in kept], [row for _, row in kept]
         records = [{"prompt": p, "chosen": s, "rejected": s} for p, row in zip(prompts, samples)
                    for s in row]
-        rewards, _ = pair_scores(reward_model, ctx.pairs(records))
+        rewards, _ = ctx.scores(reward_model, ctx.pairs(records))
         lengths = [len(self._tokens(ctx, s)) for row in samples for s in row]
         shape = (len(samples), len(samples[0]))
         return length.length_by_rank(rewards.reshape(shape), np.reshape(lengths, shape))
@@ -440,7 +448,7 @@ class Concept(Study):
         return "embedded" if ctx.config.concept_data == "films" else ctx.config.concept_dataset
 
     def reward_model_metrics(self, ctx, reward_model):
-        chosen, rejected = pair_scores(reward_model, ctx.test)
+        chosen, rejected = ctx.scores(reward_model, ctx.test)
         records = ctx.data.splits["test"]
         # the RM as a classifier: the label whose response it scores higher
         positive_higher = np.where(np.array([r["label"] for r in records]) == 1,
@@ -490,6 +498,7 @@ class Discrimination(Study):
         if config.discrimination_data == "decisions":
             return discrimination.build_discrimination(
                 num_train=config.num_train, num_test=config.num_test or 128,
+                eval_decisions=config.eval_decisions or len(discrimination.DECISIONS),
                 seed=config.data_seed)
         study = discrimination.build_discrimination_from_hh(
             discrimination.load_hh(config.discrimination_data), seed=config.data_seed)
@@ -513,10 +522,10 @@ class Discrimination(Study):
             for style in self.styles}
 
     def reward_model_metrics(self, ctx, reward_model):
-        chosen, rejected = pair_scores(reward_model, ctx.test)
+        chosen, rejected = ctx.scores(reward_model, ctx.test)
         logits = {}
         for style in self.styles:
-            yes, no = pair_scores(reward_model, self._decision_pairs(ctx, style))
+            yes, no = ctx.scores(reward_model, self._decision_pairs(ctx, style))
             logits[style] = yes - no
         fits = self._fits(ctx, logits)
         return {"accuracy": pairwise_accuracy(chosen, rejected),
@@ -525,7 +534,7 @@ class Discrimination(Study):
     def policy_outputs(self, ctx, policy, seed):
         logits = {}
         for style in self.styles:
-            yes, no = pair_logprobs(policy, self._decision_pairs(ctx, style))
+            yes, no = ctx.logprobs(policy, self._decision_pairs(ctx, style))
             logits[style] = discrimination.logit_yes(yes, no).tolist()
         return {"logit_yes": logits, "samples": ctx.samples(policy, ctx.test, seed)}
 
