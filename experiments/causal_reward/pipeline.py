@@ -36,33 +36,37 @@ median-heuristic bandwidth, recomputed from the rewards every step without a gra
 each step shrink the MMD by shrinking the rewards, which collapses them to a constant; and
 the ramp lets the Bradley-Terry term find the true signal before the regulariser weighs in.
 
-The embedded default (`Config()`) is sized for a shared 2-core machine: one lambda (10, the
-value at which the unbiased summed estimator collapsed every study), 100 reward-model steps,
-PPO of 4 iterations x 32 prompts per seed and 30 DPO steps, so its policies move little from
-the SFT policy and most policy-level claims come out inconclusive; the reward-model tables
-show what the regulariser does. `--lambdas 0.3 1 3 10 --ppo_iterations 40 --rm_steps 300` is
-the longer run the same code supports. Each study's results end in a "Claims" list: the
-chapter's claim per CRM policy against the vanilla-RM policy (and Causal DPO against DPO),
-with the per-seed difference, its 95% t-interval and a verdict (reproduced / opposite /
-inconclusive), generated from the numbers.
+The embedded default (`Config()`) is sized for a shared 2-core machine (about 10-13 min per
+study at a load average of 5-8): lambdas {1, 3, 10} of the thesis' grid, an SFT long enough
+that the policy writes each study's response format, 100 reward-model steps, PPO of 16
+iterations x 32 prompts per seed and 30 DPO steps. `--lambdas 0.1 0.3 0.5 1 3 5 10
+--ppo_iterations 40 --rm_steps 300` is the longer run the same code supports. Each study's
+results end in a "Claims" list: the chapter's claim per CRM policy against the vanilla-RM
+policy (and Causal DPO against DPO), with the per-seed difference, its 95% t-interval and a
+verdict (reproduced / opposite / inconclusive), generated from the numbers.
 
-What the committed embedded run (`experiments/results/causal_reward/`, per-claim verdicts
-generated from the numbers) shows. Reproduced as stated: the length study's CRM policies (both
-kinds) and Causal DPO give much shorter responses than the vanilla-RM policy and DPO; but the
-CRM policies stay near the SFT policy's length and the CRMs rank the SFT samples by length much
-as the vanilla RM does (Figure 4.2 right), so this comes from the CRMs' shrunken reward scale
-(PPO barely moves the policy), not from a removed length preference. In the discrimination
-study the unconditional-CRM policy has lower explicit scores and decides as the merit says more
-often than the vanilla-RM policy, and Causal DPO avoids the collapse of DPO (whose decisions stop
-following the merit) with far lower explicit scores. Not reproduced (inconclusive at 3 seeds):
-the length win score, Table 4.1's sycophancy percentage, Bias@C and the implicit scores, and
-the conditional CRM's advantage, because the SFT policy rarely produces the trained response
-format and 4 PPO iterations move it little; Causal DPO's |Bias@C| came out above DPO's. At the reward-model level the vanilla RM learns the spurious
-feature where the data make it learnable (sycophancy: it prefers the phrase on every same-answer
-pair while not preferring the correct answer), and the CRMs at lambda = 10 (biased,
-mean-reduced MMD^2) keep their test accuracy but meet the regulariser mainly by shrinking the
-reward scale (the "reward std" column), not by dropping the phrase preference; no training loss
-went negative.
+What the committed embedded run (`experiments/results/causal_reward/`) shows; every verdict
+below is one of its generated "Claims" lines. Length: every CRM policy (both kinds, every
+lambda) and Causal DPO give shorter responses than the vanilla-RM policy and DPO; the
+unconditional CRMs at lambda 3 and 10 no longer rank the SFT samples by length (Figure 4.2
+right), while the
+conditional CRMs still rank longer samples first, as the vanilla RM does; the
+win score against the SFT policy is higher for every CRM policy in the point estimate but
+clears its interval only for the unconditional CRM at lambda 3 (also against the
+length-penalty baseline). Discrimination: both CRM kinds lower the implicit scores (lambda 1
+and 10), the unconditional CRM also the explicit ones, and all CRM policies but one decide as
+the merit says more often than the vanilla-RM policy; Causal DPO avoids the collapse of DPO, whose
+decisions stop following the merit. Sycophancy: the vanilla-RM policy answers with the phrase
+on nearly every sample (Table 4.1's direction); five of the six CRM policies' percentages are
+lower in the point estimate, all inconclusive at 3 seeds, and PPO against every reward model trades the
+correct answer away for the phrase at this size, while Causal DPO keeps most correct answers
+and puts the phrase in fewer samples than DPO. Concept: the reward models reach (nearly) full
+test accuracy with no Bias@C to remove (the embedded films data do not make the concept a usable
+shortcut for a 2-layer model), so the CRM comparisons are inconclusive; DPO collapses the
+classifier while Causal DPO keeps a higher Acc@C. At the reward-model level the CRMs meet the
+regulariser partly by shrinking the reward scale (the "reward std" column) and partly by
+dropping the spurious preference (sycophancy: the phrase's reward gain is smaller under every
+CRM); no training loss went negative.
 
 Everything is resumable: a phase restores its newest checkpoint and trains only what is
 missing, and a policy's or reward model's measurements are cached as JSON beside it, so a
@@ -143,7 +147,7 @@ class Config:
     # study's data need (one set of shapes: the studies share compiled steps); (): measured
     token_budgets: tuple[int, ...] = ()
     # SFT on the chosen responses
-    sft_steps: int = 150
+    sft_steps: int = 600
     sft_batch_size: int = 32
     sft_learning_rate: float = 1e-3
     # reward models
@@ -151,13 +155,13 @@ class Config:
     rm_batch_size: int = 32
     rm_learning_rate: float = 1e-3
     crm_kinds: tuple[str, ...] = CRM_KINDS
-    lambdas: tuple[float, ...] = (10.0,)
+    lambdas: tuple[float, ...] = (1.0, 3.0, 10.0)
     bandwidth: tuple[float, ...] = (1.0,)
     mmd_reduction: str = "mean"
     mmd_unbiased: bool = False
     lambda_warmup: float = 0.5
     # PPO against each reward model
-    ppo_iterations: int = 4
+    ppo_iterations: int = 16
     ppo_batch_size: int = 32
     ppo_learning_rate: float = 3e-4
     critic_learning_rate: float = 1e-3
