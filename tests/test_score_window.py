@@ -14,13 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tiny_training import EPS, GRADIENT_RTOL, relative_errors
 
 from alignax.data import TokenizedExample
 from alignax.data.batching import collate
 from alignax.logprobs import chunked_sequence_logprobs, next_token_targets
 from alignax.models import create, tiny_config
-from alignax.training.step import role_logprobs, score_windows
+from alignax.training.mesh import BATCH_AXES, make_mesh
+from alignax.training.step import role_logprobs, score_windows, sharded_sequence_logprobs
 
 VOCAB, LENGTH = 61, 32  # windows 8, 16, 32
 BLOCKS = dict(chunk_size=24, vocab_chunk_size=32)  # neither divides N*W or V: shifted blocks
@@ -114,5 +116,39 @@ def test_windowed_logprobs_and_gradients_equal_full_rows(scorers, case):
         assert np.all(np.asarray(want[role])[np.asarray(batch[f"{role}_loss_mask"].sum(-1)) > 0]
                       < 0)  # every scored row has a real (negative) log-prob
         np.testing.assert_allclose(got[role], want[role], rtol=LOGP_RTOL, atol=0)
+    errors = relative_errors(got_grads, want_grads)
+    assert max(errors.values()) <= GRADIENT_RTOL, errors
+
+
+def test_each_batch_shard_scores_only_its_own_rows():
+    """On a batch-sharded mesh the chunk loops run per shard (`sharded_sequence_logprobs`):
+    the compiled program gathers no rows (without the shard_map, a dynamic slice of the
+    sharded positions makes XLA all-gather them, and every device scores every chunk of the
+    global batch), and values and gradients equal one program over all rows."""
+    mesh = make_mesh((4, 2, 1))  # 8 batch shards
+    rows, length, dim = 16, 12, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    sharded = NamedSharding(mesh, P(BATCH_AXES))
+    hidden = jax.device_put(jax.random.normal(keys[0], (rows, length, dim)), sharded)
+    unembedding = jax.device_put(0.3 * jax.random.normal(keys[1], (dim, VOCAB)),
+                                 NamedSharding(mesh, P()))
+    targets = jax.device_put(jax.random.randint(keys[2], (rows, length), 0, VOCAB), sharded)
+    mask = jax.device_put(np.arange(length)[None, :] >= np.arange(rows)[:, None] % length,
+                          sharded)  # row r scores its positions from r mod T on (row 0: all)
+    weights = jnp.asarray(np.random.default_rng(0).choice([-1.0, 1.0], rows), jnp.float32)
+
+    def loss(on_mesh):
+        def weighted(hidden, unembedding):
+            logps = sharded_sequence_logprobs(hidden, unembedding, targets, mask,
+                                              chunk_size=8, vocab_chunk_size=32,
+                                              mesh=mesh if on_mesh else None)
+            return jnp.sum(weights * logps), logps
+        return jax.jit(jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True))
+
+    program = {on: loss(on).lower(hidden, unembedding).compile().as_text() for on in (0, 1)}
+    assert "all-gather" in program[0] and "all-gather" not in program[1]
+    (_, got), got_grads = loss(True)(hidden, unembedding)
+    (_, want), want_grads = loss(False)(hidden, unembedding)
+    np.testing.assert_allclose(got, want, rtol=LOGP_RTOL, atol=0)
     errors = relative_errors(got_grads, want_grads)
     assert max(errors.values()) <= GRADIENT_RTOL, errors

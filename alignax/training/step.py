@@ -12,6 +12,7 @@ good checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from alignax.logprobs import chunked_sequence_logprobs, next_token_targets
 from alignax.models.remat import check_remat
@@ -66,9 +67,41 @@ def score_windows(length: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, length // 4), max(1, length // 2), length}))
 
 
+def sharded_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
+                               mask: jax.Array, *, chunk_size: int,
+                               vocab_chunk_size: int | None, mesh: Mesh | None) -> jax.Array:
+    """`chunked_sequence_logprobs` run per batch shard of `mesh`.
+
+    The chunk loops slice the rows' positions dynamically; on a batch-sharded array such a
+    slice makes the partitioner gather the rows, so every device would score every chunk of
+    the global batch. Under `jax.shard_map` over `BATCH_AXES` each device scores only its own
+    rows (`chunk_size` positions of them at a time) and the unembedding's gradient is summed
+    over the shards once, on exit. Without a mesh, with one batch shard, or with N not
+    divisible by the shards, it is `chunked_sequence_logprobs` itself.
+
+    Args:
+      hidden: [N, T, D]; unembedding: [D, V]; targets: [N, T] int; mask: [N, T] bool.
+      chunk_size, vocab_chunk_size: as `chunked_sequence_logprobs` (per shard).
+      mesh: the training mesh, or None.
+
+    Returns:
+      [N] float32 summed log-probs.
+    """
+    score = functools.partial(chunked_sequence_logprobs, chunk_size=chunk_size,
+                              vocab_chunk_size=vocab_chunk_size)
+    shards = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if shards == 1 or hidden.shape[0] % shards:
+        return score(hidden, unembedding, targets, mask)
+    rows = P(BATCH_AXES)
+    return jax.shard_map(score, mesh=mesh, in_specs=(rows, P(), rows, rows), out_specs=rows,
+                         axis_names=frozenset(BATCH_AXES), check_vma=False)(
+        hidden, unembedding, targets, mask)
+
+
 def windowed_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, targets: jax.Array,
                                mask: jax.Array, *, chunk_size: int,
-                               vocab_chunk_size: int | None) -> jax.Array:
+                               vocab_chunk_size: int | None, mesh: Mesh | None = None
+                               ) -> jax.Array:
     """`chunked_sequence_logprobs` of right-padded rows, unembedding only their scored spans.
 
     Each row's scored positions (its response: mask True) form one span from its first to
@@ -84,6 +117,8 @@ def windowed_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, target
       targets: [N, T] int next-token targets.
       mask: [N, T] bool, True on the positions to score.
       chunk_size, vocab_chunk_size: as `chunked_sequence_logprobs`.
+      mesh: the training mesh: each batch shard scores its own rows
+        (`sharded_sequence_logprobs`); None: one program over all rows.
 
     Returns:
       [N] float32 summed log-probs (0 for an empty mask).
@@ -99,11 +134,11 @@ def windowed_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, target
         def branch(hidden, unembedding, targets, mask):
             start = jnp.minimum(first, length - width)  # [N]: the window ends by T
             index = start[:, None] + jnp.arange(width)  # [N, W]
-            return chunked_sequence_logprobs(
+            return sharded_sequence_logprobs(
                 jnp.take_along_axis(hidden, index[..., None], axis=1),  # [N, W, D]
                 unembedding, jnp.take_along_axis(targets, index, axis=1),
                 jnp.take_along_axis(mask, index, axis=1),
-                chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+                chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, mesh=mesh)
         return branch
 
     which = jnp.sum(span > jnp.asarray(windows[:-1]))  # [] smallest window >= span
@@ -114,7 +149,8 @@ def windowed_sequence_logprobs(hidden: jax.Array, unembedding: jax.Array, target
 def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...], *,
                   chunk_size: int, vocab_chunk_size: int | None,
                   remat: str | None = None, adapters: bool = True,
-                  dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+                  dropout_key: jax.Array | None = None,
+                  mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """Per-sequence log pi(response | prompt) of each role, in one concatenated forward pass.
 
     Only each row's response positions reach the unembedding
@@ -128,6 +164,7 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
       roles: column prefixes to score.
       remat, adapters, dropout_key: as `CausalLM.hidden_states` (adapters=False: the base
         model of a LoRA model; dropout_key: LoRA dropout on).
+      mesh: the training mesh (the log-probs are scored per batch shard) or None.
 
     Returns:
       role -> [B] (or [B, K]) float32 summed response-token log-probs.
@@ -147,7 +184,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
                                  adapters=adapters, dropout_key=dropout_key)  # [N, T, D]
     targets, mask = next_token_targets(ids, loss_mask.astype(bool) & attention_mask.astype(bool))
     logps = windowed_sequence_logprobs(hidden, model.unembedding(), targets, mask,
-                                       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+                                       chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+                                       mesh=mesh)
     out, start = {}, 0
     for role, lead in zip(roles, lead_shapes):
         size = math.prod(lead)
@@ -159,7 +197,8 @@ def role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[s
 def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: tuple[str, ...],
                          *, chunk_size: int, vocab_chunk_size: int | None,
                          remat: str | None = None, adapters: bool = True,
-                         dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
+                         dropout_key: jax.Array | None = None,
+                         mesh: Mesh | None = None) -> dict[str, jax.Array]:
     """`role_logprobs` from the batch's shared-prompt rows ("packed_*" columns).
 
     One forward pass over [B, L] packed rows (segment mask: each response reads the prompt
@@ -172,7 +211,7 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
         f"{role}_loss_mask" ([B, T] or [B, K, T]), whose presence and shape say which roles,
         with how many members, the packed rows hold (in sorted role order).
       roles: the roles to return.
-      remat, adapters, dropout_key: as `role_logprobs`.
+      remat, adapters, dropout_key, mesh: as `role_logprobs`.
 
     Returns:
       role -> [B] (or [B, K]) float32 summed response-token log-probs.
@@ -196,11 +235,12 @@ def packed_role_logprobs(model: nnx.Module, batch: dict[str, jax.Array], roles: 
                                  remat=remat, adapters=adapters,
                                  dropout_key=dropout_key)  # [B, L, D]
     scored = jnp.take_along_axis(hidden, index.reshape(b, m * width, 1), axis=1)  # [B, M*R, D]
-    logps = chunked_sequence_logprobs(
+    logps = sharded_sequence_logprobs(
         scored.reshape(b * m, width, hidden.shape[-1]), model.unembedding(),
         batch["packed_score_targets"].reshape(b * m, width),
         batch["packed_score_mask"].reshape(b * m, width),
-        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size).reshape(b, m)  # [B, M]
+        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+        mesh=mesh).reshape(b, m)  # [B, M]
     out, start = {}, 0
     for role in packed:
         if role in roles:
@@ -419,7 +459,8 @@ def make_train_step(graphdef: nnx.GraphDef, objective: Objective,
                                 dropout_key=dropout_key)
         return score_roles(merged(params, model_state), batch, roles,
                            chunk_size=config.chunk_size, vocab_chunk_size=config.vocab_chunk_size,
-                           remat=config.remat, adapters=adapters, dropout_key=dropout_key)
+                           remat=config.remat, adapters=adapters, dropout_key=dropout_key,
+                           mesh=mesh)
 
     def reference_logps(params, reference_params, model_state, batch):
         if not needs.reference:

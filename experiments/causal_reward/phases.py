@@ -135,17 +135,18 @@ def batch_tokens(dataset: PreferenceDataset, batch_size: int) -> int:
     """The most positions a batch of `batch_size` records of `dataset` scores at once: every
     response of every record at the longest bucket (the train step's `chunk_size`).
 
-    Why one chunk: with fewer positions per chunk than a batch holds, the log-probabilities
-    loop over chunks of the flattened, data-sharded [B*T] axis, and every iteration
-    all-gathers across the mesh inside an XLA while loop. XLA:CPU (jaxlib 0.10) runs that
+    Why one chunk: before the train step scored each batch shard's rows on their own
+    (`alignax.training.step.sharded_sequence_logprobs`), with fewer positions per chunk than
+    a batch holds the log-probabilities looped over chunks of the flattened, data-sharded
+    [B*T] axis, and every iteration all-gathered across the mesh inside an XLA while loop. XLA:CPU (jaxlib 0.10) runs that
     while loop concurrently with independent collectives outside it (here a collective-permute
     of the DPO step), each device in its own order, and every participant blocks a thread of
     the shared pool in the in-process rendezvous: on a 2-core host with 8 simulated devices
     the pool runs out, the rendezvous never completes and XLA aborts after its 40 s
     termination timeout ("Termination timeout for `all gather ...`"). The length study's DPO
     batch (16 rows x 80 positions > the default 1024) hit this; one chunk per batch has no
-    loop. The [positions, vocabulary chunk] logits block this allows is sharded over the
-    data axis.
+    loop, and at these sizes its [positions, vocabulary chunk] logits block (per shard) is
+    small, so the study keeps it.
     """
     responses = max(dataset.group_sizes.values()) if dataset.group_sizes else 2
     return batch_size * responses * max(dataset.buckets)
