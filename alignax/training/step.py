@@ -11,6 +11,7 @@ good checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -330,6 +331,13 @@ class TrainStep:
         self.reference = reference
         self.model_state = model_state
         self._checked: dict[tuple, tuple[str, ...]] = {}
+
+    def with_model_state(self, model_state: Any) -> TrainStep:
+        """This compiled step for another model of the same graph: `model_state` is its frozen
+        state (the batch-check cache is shared: it depends on the objective, config and mesh)."""
+        step = copy.copy(self)
+        step.model_state = model_state
+        return step
 
     @property
     def needs_reference_params(self) -> bool:

@@ -46,7 +46,7 @@ from alignax.training.checkpoint import Checkpointer
 from alignax.training.loop import MetricsLogger, plot_metrics, train
 from alignax.training.state import (OptimizerConfig, create_train_state, make_optimizer,
                                     split_model, state_shardings)
-from alignax.training.step import StepConfig, TrainStep, make_train_step
+from alignax.training.step import StepConfig, make_train_step
 
 log = logging.getLogger("experiments.causal_reward")
 
@@ -179,8 +179,7 @@ class Phases:
                                                      chunk_size=chunk_size))
             self.train_steps[key] = (optimizer, step)
         optimizer, step = self.train_steps[key]
-        return optimizer, TrainStep(step.jitted, objective=step.objective, config=step.config,
-                                    mesh=step.mesh, reference=step.reference, model_state=rest)
+        return optimizer, step.with_model_state(rest)
 
     def supervised(self, run: pathlib.Path, *, model: nnx.Module, objective: Objective,
                    dataset: PreferenceDataset, steps: int, batch_size: int,
